@@ -1,0 +1,36 @@
+"""GLoRA: ΔW = W·(a1@a2) + b1@b2 (older files store the transposed layout)."""
+
+from __future__ import annotations
+
+from loratools.adapters.base import Adapter, f32
+
+
+class GLoRA(Adapter):
+    kind = "glora"
+    detect = (frozenset({"glora_a1", "glora_a2", "glora_b1", "glora_b2"}),)
+    optional = frozenset({"glora_bm"})
+    needs_base = True
+
+    @property
+    def rank(self) -> int:
+        return min(self.t("glora_b1").shape[:2])
+
+    @property
+    def out_dim(self) -> int | None:
+        b1, b2 = self.t("glora_b1").shape, self.t("glora_b2").shape
+        return b1[0] if b1[1] == b2[0] else b2[0]
+
+    def scale(self, alpha: float | None, rslora: bool = False) -> float:
+        r = self.rank
+        return 1.0 if alpha is None or r == 0 else alpha / r
+
+    def delta(self, base=None):
+        if base is None:
+            raise ValueError("GLoRA needs the base weight")
+        a1, a2, b1, b2 = (f32(self.t(f"glora_{n}")) for n in ("a1", "a2", "b1", "b2"))
+        w = base.float().flatten(1)
+        if b1.shape[1] == b2.shape[0]:
+            d = w @ (a1.flatten(1) @ a2.flatten(1)) + b1.flatten(1) @ b2.flatten(1)
+        else:  # old layout: transposed factors
+            d = w @ (a2.flatten(1) @ a1.flatten(1)) + b2.flatten(1) @ b1.flatten(1)
+        return d.reshape(base.shape)

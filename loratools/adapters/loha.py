@@ -1,0 +1,50 @@
+"""LoHa: ΔW = (w1a @ w1b) ⊙ (w2a @ w2b), optionally Tucker (`hada_t1/t2`) as in LyCORIS."""
+
+from __future__ import annotations
+
+from loratools.adapters.base import Adapter, f32
+
+
+class LoHa(Adapter):
+    kind = "loha"
+    detect = (frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),)
+    optional = frozenset({"hada_t1", "hada_t2"})
+
+    @property
+    def tucker(self) -> bool:
+        return self.has("hada_t1")
+
+    @property
+    def rank(self) -> int:
+        return self.t("hada_w1_b").shape[0]
+
+    @property
+    def out_dim(self) -> int | None:
+        a = self.t("hada_w1_a").shape
+        return a[1] if self.tucker else a[0]
+
+    @property
+    def in_dim(self) -> int | None:
+        b = self.t("hada_w1_b").shape
+        if self.tucker:
+            return b[1]
+        return None if len(b) < 2 else b[1]  # plain conv LoHa flattens in*kh*kw
+
+    def scale(self, alpha: float | None, rslora: bool = False) -> float:
+        r = self.rank
+        return 1.0 if alpha is None or r == 0 else alpha / r
+
+    def _factor(self, i: int):
+        import torch
+
+        a, b = f32(self.t(f"hada_w{i}_a")), f32(self.t(f"hada_w{i}_b"))
+        if self.tucker:
+            t = f32(self.t(f"hada_t{i}"))
+            return torch.einsum("ijkl,jr,ip->prkl", t, b, a)
+        return a @ b
+
+    def delta(self, base=None):
+        d = self._factor(1) * self._factor(2)
+        if base is not None and d.shape != tuple(base.shape):
+            d = d.reshape(base.shape)
+        return d

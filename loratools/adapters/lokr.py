@@ -1,0 +1,85 @@
+"""LoKr: ΔW = kron(w1, w2) with either factor possibly low-rank (and w2 possibly Tucker)."""
+
+from __future__ import annotations
+
+from loratools.adapters.base import Adapter, f32
+
+
+class LoKr(Adapter):
+    kind = "lokr"
+    detect = (
+        frozenset({"lokr_w1", "lokr_w2"}),
+        frozenset({"lokr_w1", "lokr_w2_a", "lokr_w2_b"}),
+        frozenset({"lokr_w1_a", "lokr_w1_b", "lokr_w2"}),
+        frozenset({"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}),
+    )
+    optional = frozenset({"lokr_t2"})
+
+    def _w1_shape(self) -> tuple[int, int]:
+        if self.has("lokr_w1"):
+            s = self.t("lokr_w1").shape
+            return s[0], s[1]
+        return self.t("lokr_w1_a").shape[0], self.t("lokr_w1_b").shape[1]
+
+    def _w2_shape(self) -> tuple[int, int]:
+        if self.has("lokr_w2"):
+            s = self.t("lokr_w2").shape
+            return s[0], s[1]
+        a, b = self.t("lokr_w2_a").shape, self.t("lokr_w2_b").shape
+        if self.has("lokr_t2"):
+            return a[1], b[1]
+        return a[0], b[1]  # conv: b[1] is d*kh*kw
+
+    @property
+    def decomposed(self) -> bool:
+        return not (self.has("lokr_w1") and self.has("lokr_w2"))
+
+    @property
+    def rank(self) -> int | None:
+        # LyCORIS takes the rank of a decomposed factor; w1's when both are (InvokeAI, sd-mecha).
+        if self.has("lokr_w1_b"):
+            return self.t("lokr_w1_b").shape[0]
+        if self.has("lokr_w2_b"):
+            return self.t("lokr_w2_b").shape[0]
+        return None
+
+    @property
+    def out_dim(self) -> int:
+        return self._w1_shape()[0] * self._w2_shape()[0]
+
+    @property
+    def in_dim(self) -> int:
+        # A decomposed conv w2 flattens d*kh*kw, so this is then in*kh*kw (as other readers report it).
+        return self._w1_shape()[1] * self._w2_shape()[1]
+
+    def scale(self, alpha: float | None, rslora: bool = False) -> float:
+        r = self.rank
+        if alpha is None or r is None or r == 0:
+            return 1.0  # both factors full: alpha is ignored
+        return alpha / r
+
+    def _w1(self):
+        if self.has("lokr_w1"):
+            return f32(self.t("lokr_w1"))
+        return f32(self.t("lokr_w1_a")) @ f32(self.t("lokr_w1_b"))
+
+    def _w2(self):
+        import torch
+
+        if self.has("lokr_w2"):
+            return f32(self.t("lokr_w2"))
+        a, b = f32(self.t("lokr_w2_a")), f32(self.t("lokr_w2_b"))
+        if self.has("lokr_t2"):
+            return torch.einsum("ijkl,jr,ip->prkl", f32(self.t("lokr_t2")), b, a)
+        return a @ b
+
+    def delta(self, base=None):
+        import torch
+
+        w1, w2 = self._w1(), self._w2()
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        d = torch.kron(w1, w2)
+        if base is not None and d.shape != tuple(base.shape):
+            d = d.reshape(base.shape)
+        return d

@@ -1,0 +1,77 @@
+"""LoRA and LoCon: ΔW = flat(up) @ flat(down), reshaped; Tucker `lora_mid` as in LyCORIS."""
+
+from __future__ import annotations
+
+from loratools.adapters.base import Adapter, f32
+
+
+class LoRA(Adapter):
+    kind = "lora"
+    detect = (frozenset({"lora_down", "lora_up"}),)
+    optional = frozenset({"lora_mid", "lora_up_bias", "diff_b"})
+
+    @property
+    def down(self):
+        return self.t("lora_down")
+
+    @property
+    def up(self):
+        return self.t("lora_up")
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0] if self.down.shape else 0
+
+    @property
+    def out_dim(self) -> int | None:
+        return self.up.shape[0] if self.up.shape else None
+
+    @property
+    def in_dim(self) -> int | None:
+        if self.has("lora_mid") or len(self.down.shape) < 2:
+            return self.down.shape[1] if len(self.down.shape) > 1 else None
+        return self.down.shape[1]
+
+    @property
+    def kernel(self) -> tuple[int, ...] | None:
+        """The conv kernel (from down, or from mid for Tucker), None for linears."""
+        src = self.t("lora_mid") if self.has("lora_mid") else self.down
+        return tuple(src.shape[2:]) if len(src.shape) > 2 else None
+
+    @property
+    def label(self) -> str:
+        k = self.kernel
+        if self.has("lora_mid") or (k is not None and any(d > 1 for d in k)):
+            return "locon"
+        return "lora"
+
+    def scale(self, alpha: float | None, rslora: bool = False) -> float:
+        r = self.rank
+        if alpha is None or r == 0:
+            return 1.0
+        return alpha / (r**0.5) if rslora else alpha / r
+
+    def check(self) -> None:
+        up, down = self.up.shape, self.down.shape
+        if len(up) < 2 or len(down) < 2:
+            raise self._mismatch("up and down must be at least 2-D")
+        if self.has("lora_mid"):
+            mid = self.t("lora_mid").shape
+            if len(mid) != 4 or mid[0] != up[1] or mid[1] != down[0]:
+                raise self._mismatch("mid must be [r_up, r_down, kh, kw]")
+        elif up[1] != down[0]:
+            raise self._mismatch(f"up has rank {up[1]}, down has rank {down[0]}")
+        if len(up) > 2 and any(d != 1 for d in up[2:]):
+            raise self._mismatch("a conv up factor must be 1x1")
+
+    def delta(self, base=None):
+        import torch
+
+        up, down = f32(self.up), f32(self.down)
+        if self.has("lora_mid"):
+            mid = f32(self.t("lora_mid"))
+            return torch.einsum("mnkl,om,ni->oikl", mid, up.flatten(1), down.flatten(1))
+        d = up.flatten(1) @ down.flatten(1)
+        if down.dim() > 2:
+            d = d.reshape(up.shape[0], *down.shape[1:])
+        return d

@@ -1,0 +1,104 @@
+"""The public Python API. Every CLI command is one function here with the same name and arguments."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+from loratools.families import ModuleEvidence, detect_family
+from loratools.formats import read_modules
+from loratools.formats.peft_config import AdapterConfig
+from loratools.io.sources import open_lora
+from loratools.model import Lora, TensorRef
+
+__all__ = ["load", "inspect"]
+
+
+def load(path: str | os.PathLike, allow_pickle: bool = False, family: str | None = None) -> Lora:
+    """Read a LoRA file or PEFT folder into the canonical model (tensors stay lazy in the file).
+
+    Args:
+        path: a ``.safetensors`` file, a PEFT adapter folder, or a pickle (with ``allow_pickle``).
+        allow_pickle: load ``.ckpt/.pt/.bin`` through ``torch.load(weights_only=True)``.
+        family: a family id that overrides detection.
+
+    Example:
+        >>> lora = loratools.load("style.safetensors")
+        >>> lora.format, lora.family.id, len(lora.modules)
+    """
+    opened = open_lora(path, allow_pickle)
+    src = opened.source
+    try:
+        tensors = {}
+        for key in src.keys():
+            info = src.info(key)
+            tensors[key] = TensorRef(src, key, info.dtype, tuple(info.shape))
+        metadata = dict(src.metadata or {})
+        config = AdapterConfig.from_peft(opened.peft_config) if opened.peft_config is not None else None
+        result = read_modules(tensors, metadata, opened.path, config)
+    except BaseException:
+        src.close()
+        raise
+    fmt = "peft" if opened.peft_config is not None and result.format in ("peft", "diffusers") else result.format
+    lora = Lora(path=opened.path, format=fmt, modules=result.modules, metadata=metadata,
+                unknown_keys=result.unknown_keys, extras=result.extras, warnings=result.warnings,
+                tensors=tensors, size_bytes=opened.size_bytes, source=src,
+                config=opened.peft_config)
+    lora.family = _family(lora, family)
+    _name_components(lora)
+    return lora
+
+
+def _family(lora: Lora, override: str | None):
+    from loratools.families import FamilyResult, get_family
+
+    if override:
+        fam = get_family(override)
+        return FamilyResult(id=fam["id"] if isinstance(fam, dict) else fam.id, variant=None, confidence=1.0,
+                            evidence=["given with --family"], mismatches=[], alternatives=[],
+                            metadata_claims=[], reason=None,
+                            model_component=(fam.get("model_component", "model") if isinstance(fam, dict)
+                                             else getattr(fam, "model_component", "model")))
+    evidence = [ModuleEvidence(m.component, m.name, m.adapter.in_dim, m.adapter.out_dim) for m in lora.modules]
+    return detect_family(evidence, lora.metadata)
+
+
+def _name_components(lora: Lora) -> None:
+    """The diffusion model's component is 'unet' or 'transformer' as the family says."""
+    name = getattr(lora.family, "model_component", None) or "model"
+    if name == "model":
+        name = "unet" if any(k.startswith(("lora_unet_", "unet.")) for k in lora.tensors) else "transformer"
+    for m in lora.modules:
+        if m.component == "model":
+            m.component = name
+
+
+def inspect(path: str | os.PathLike, *, layers: bool = False, stats: bool = False, hashes: bool = False,
+            metadata: bool = False, allow_pickle: bool = False, family: str | None = None) -> dict:
+    """Describe a LoRA file: format, family with evidence, adapters, ranks, alphas, sizes.
+
+    Returns the JSON-ready dict that ``loratools inspect --json`` prints for one path.
+
+    Example:
+        >>> info = loratools.inspect("style.safetensors", hashes=True)
+        >>> info["family"]["id"], info["rank"]["common"], info["hashes"]["autov2"]
+    """
+    from loratools import summary
+
+    with load(path, allow_pickle=allow_pickle, family=family) as lora:
+        report = summary.describe(lora)
+        if layers:
+            report["layers"] = summary.layers(lora)
+        if metadata:
+            report["training"] = summary.training(lora)
+        if hashes:
+            report["hashes"] = summary.hashes(lora)
+        if stats:
+            from loratools.ops.stats import module_stats
+
+            report["stats"] = module_stats(lora)
+        return report
+
+
+def _counter(values) -> dict:
+    return dict(Counter(values).most_common())

@@ -1,0 +1,99 @@
+"""The command line: parse options, call loratools.api, render with loratools.report.
+
+Errors the user can fix are one line on stderr (`loratools: error: <file>: <problem>`) and exit 2;
+anything else is a bug and keeps its traceback. `--debug` shows tracebacks for every error.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from loratools import __version__
+from loratools.errors import LoraToolsError
+
+
+def _fail(exc: LoraToolsError, debug: bool) -> None:
+    if debug:
+        raise exc
+    click.echo(f"loratools: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="loratools")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Inspect, convert, merge, resize and bake LoRA files of image and video models."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document (a list, one object per path).")
+@click.option("--layers", is_flag=True, help="Show a table of every module.")
+@click.option("--stats", is_flag=True, help="Per-module ‖ΔW‖ (alpha-aware), effective rank, NaN/Inf/zero flags (uses torch).")
+@click.option("--hash", "hashes", is_flag=True, help="sha256, AutoV2 and AutoV3/addnet hashes.")
+@click.option("--metadata", is_flag=True, help="Training settings, tag frequencies and every ss_*/modelspec.* entry.")
+@click.option("--family", default=None, help="Family id to assume instead of detecting it.")
+@click.option("--allow-pickle", is_flag=True, help="Load .ckpt/.pt/.bin with torch.load(weights_only=True).")
+@click.option("--top", default=20, show_default=True, help="How many tags to show with --metadata.")
+@click.pass_context
+def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_pickle, top) -> None:
+    """Tell what LoRA files are: format, family (with evidence), adapters, ranks, alphas, sizes.
+
+    PATHS are .safetensors files, PEFT adapter folders, or folders to search recursively.
+    One bad file does not stop the others; the exit code is 1 at the end if any failed.
+
+    Example:
+
+        loratools inspect my_lora.safetensors --layers
+
+        loratools inspect loras/ --json > report.json
+    """
+    from loratools import api, report
+    from loratools.io.sources import expand_paths
+
+    debug = ctx.obj["debug"]
+    results, failed = [], 0
+    files = expand_paths(paths)
+    for path in files:
+        try:
+            info = api.inspect(path, layers=layers, stats=stats, hashes=hashes, metadata=metadata,
+                               allow_pickle=allow_pickle, family=family)
+        except LoraToolsError as exc:
+            if debug:
+                raise
+            failed += 1
+            click.echo(f"loratools: error: {exc}", err=True)
+            results.append({"path": path, "error": exc.message})
+            continue
+        results.append(info)
+        if not as_json:
+            report.print_inspect(info, top=top)
+    if as_json:
+        click.echo(json.dumps(results, indent=2, default=str))
+    if failed:
+        sys.exit(2 if failed == len(files) else 1)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except LoraToolsError as exc:
+        _fail(exc, "--debug" in sys.argv)
+    except click.exceptions.Abort:
+        click.echo("loratools: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

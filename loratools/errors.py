@@ -1,0 +1,45 @@
+"""One error root for everything loratools reports to a user.
+
+The CLI catches only :class:`LoraToolsError` and prints ``loratools: error: <file>: <message>``
+with exit code 2; any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LoraToolsError(Exception):
+    """A problem with the user's input that loratools can explain in one line."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: object | None = None):
+        super().__init__(message)
+        self.message = message
+        self.path = None if path is None else str(path)
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class HeaderError(LoraToolsError):
+    """A safetensors file whose header or layout is invalid."""
+
+
+class FormatError(LoraToolsError):
+    """A file that is readable but is not a LoRA in a format we understand."""
+
+
+class UnsafeFileError(LoraToolsError):
+    """A pickled file that would need unpickling to read."""
+
+
+class UnknownFamily(LoraToolsError):
+    """A family id that does not exist."""
+
+
+class ShapeMismatch(LoraToolsError):
+    """Tensors whose shapes do not fit together."""
+
+
+class UsageError(LoraToolsError):
+    """Options or arguments that do not make sense together."""

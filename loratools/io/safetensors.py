@@ -1,0 +1,525 @@
+"""Read, validate and write safetensors files without torch.
+
+Hand-written rather than built on the ``safetensors`` package: that package needs torch to save torch tensors, has
+no streaming, atomic, one-tensor-at-a-time writer, and its errors are not the one-line messages we report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import mmap
+import os
+import stat
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from loratools.errors import HeaderError, LoraToolsError
+
+MAX_HEADER_SIZE = 100_000_000  # the limit the reference library enforces
+
+DTYPE_SIZES: dict[str, int] = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+# Dtypes numpy can view in place; the file is little-endian whatever the host is.
+_NUMPY_DTYPES = {name: np.dtype(code) for name, code in [
+    ("BOOL", "?"), ("U8", "u1"), ("I8", "i1"), ("I16", "<i2"), ("U16", "<u2"), ("F16", "<f2"), ("I32", "<i4"),
+    ("U32", "<u4"), ("F32", "<f4"), ("I64", "<i8"), ("U64", "<u8"), ("F64", "<f8")]}  # fmt: skip
+
+# safetensors dtype -> name of the torch dtype attribute
+TORCH_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
+    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64",
+    "F64": "float64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+}  # fmt: skip
+
+
+def quote_name(text: str) -> str:
+    """Quote a name from a file for a one-line message: escape control characters, cut very long names."""
+    if not text.isprintable():
+        text = text.encode("unicode_escape").decode("ascii")
+    return f"'{text[:200]}…'" if len(text) > 200 else f"'{text}'"
+
+
+# --- dtype conversions (numpy has no bfloat16 or float8) -------------------------------------------------------
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 is the top half of a float32, so widening is a shift."""
+    return (np.asarray(bits, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bits (uint16), to nearest with ties to even; NaN stays NaN."""
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(np.asarray(values, dtype=np.float32))
+    return np.where(nan, ((u >> 16) | 0x0040).astype(np.uint16), rounded)
+
+
+def numpy_to_bf16_bytes(values: np.ndarray) -> bytes:
+    """Little-endian bfloat16 bytes of ``values`` (any float dtype)."""
+    return float32_to_bf16_bits(values).astype("<u2").tobytes()
+
+
+def _f8_table(exp_bits: int, man_bits: int, finite_max: bool) -> np.ndarray:
+    """float32 value of each of the 256 codes of a sign/exponent/mantissa float8 format."""
+    codes = np.arange(256, dtype=np.int64)
+    sign = np.where(codes >> 7, -1.0, 1.0)
+    exp = (codes >> man_bits) & ((1 << exp_bits) - 1)
+    man = codes & ((1 << man_bits) - 1)
+    bias = (1 << (exp_bits - 1)) - 1
+    frac = man / (1 << man_bits)
+    values = np.where(exp == 0, frac * 2.0 ** (1 - bias), (1 + frac) * 2.0 ** (exp - bias)) * sign
+    top = exp == (1 << exp_bits) - 1
+    if finite_max:  # e4m3fn: no infinities, only the all-ones code is NaN
+        values[top & (man == (1 << man_bits) - 1)] = np.nan
+    else:  # e5m2 follows IEEE
+        values[top & (man == 0)] = sign[top & (man == 0)] * np.inf
+        values[top & (man != 0)] = np.nan
+    return values.astype(np.float32)
+
+
+_F8_TABLES = {
+    "F8_E4M3": _f8_table(4, 3, finite_max=True),
+    "F8_E5M2": _f8_table(5, 2, finite_max=False),
+    # e8m0 is an exponent only: 2**(code-127), 0xFF is NaN
+    "F8_E8M0": np.append(np.ldexp(np.float32(1), np.arange(-127, 128)), np.float32(np.nan)).astype(np.float32),
+}
+
+
+# --- header ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor's entry in a header; ``begin``/``end`` are offsets into the data region."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+
+@dataclass
+class Header:
+    path: str
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    header_size: int
+    data_start: int
+    file_size: int
+
+
+def check_regular_file(path: str) -> int:
+    """Return the size of ``path``, or explain why it cannot be read as a file."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise HeaderError("file not found", path) from None
+    except (OSError, ValueError) as e:
+        raise HeaderError(f"cannot read file ({_reason(e)})", path) from None
+    if stat.S_ISDIR(st.st_mode):
+        raise HeaderError("is a directory, not a file", path)
+    if not stat.S_ISREG(st.st_mode):
+        raise HeaderError("not a regular file", path)
+    return st.st_size
+
+
+def _reason(e: Exception) -> str:
+    return (getattr(e, "strerror", None) or str(e) or type(e).__name__).lower()
+
+
+def _read_prefix(path: str, size: int) -> tuple[int, bytes]:
+    if size == 0:
+        raise HeaderError("empty file", path)
+    if size < 8:
+        raise HeaderError(f"file too short for a safetensors header ({size} bytes)", path)
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n == 0:
+                raise HeaderError("header length is zero", path)
+            if n > MAX_HEADER_SIZE:
+                raise HeaderError(f"header too large ({n} bytes; the limit is {MAX_HEADER_SIZE})", path)
+            if 8 + n > size:
+                raise HeaderError(f"header length {n} runs past the end of the file ({size} bytes)", path)
+            raw = f.read(n)
+    except OSError as e:
+        raise HeaderError(f"cannot read file ({_reason(e)})", path) from None
+    if len(raw) != n:
+        raise HeaderError("file shrank while its header was read", path)
+    return n, raw
+
+
+def _parse_json(raw: bytes, path: str) -> dict[str, Any]:
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):  # the reference reader keeps the last one silently; we refuse
+            seen: set[str] = set()
+            duplicate = next(key for key, _ in pairs if key in seen or seen.add(key))
+            raise HeaderError(f"duplicate key {quote_name(duplicate)} in header", path)
+        return obj
+
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeaderError(f"header is not valid utf-8 (byte {e.start})", path) from None
+    try:
+        obj = json.loads(text, object_pairs_hook=unique, parse_int=_parse_int)
+    except json.JSONDecodeError as e:
+        raise HeaderError(f"header is not valid json (line {e.lineno}, column {e.colno})", path) from None
+    except (ValueError, RecursionError, MemoryError):  # huge integers, deep nesting
+        raise HeaderError("header is not valid json", path) from None
+    if not isinstance(obj, dict):
+        raise HeaderError("header is not a json object", path)
+    return obj
+
+
+def _parse_int(text: str) -> int | float:
+    """JSON ``-0`` is a float to the reference reader, so it must not pass where integers belong."""
+    return -0.0 if text == "-0" else int(text)
+
+
+def _is_text(value: object) -> bool:
+    """A str that encodes as UTF-8 (JSON escapes can produce lone surrogates, which cannot)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _parse_metadata(value: object, path: str) -> dict[str, str]:
+    if value is None:  # the reference writer's "no metadata"
+        return {}
+    if not isinstance(value, dict):
+        raise HeaderError("__metadata__ is not an object", path)
+    for key, item in value.items():
+        if not _is_text(key):
+            raise HeaderError("__metadata__ has a key that is not valid text", path)
+        if not _is_text(item):
+            raise HeaderError(f"__metadata__ value for {quote_name(key)} is not a string", path)
+    return value
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_NUMEL_CAP = 2**64
+
+
+def _short(shape: list[int]) -> str:
+    text = str(shape)
+    return text if len(text) <= 60 else text[:56] + ", …]"
+
+
+def _numel_capped(shape: list[int], cap: int) -> int:
+    """Product of ``shape``, stopping once it exceeds ``cap`` (hostile shapes can be astronomically large)."""
+    if 0 in shape:
+        return 0
+    total = 1
+    for dim in shape:
+        total *= dim
+        if total > cap:
+            return cap + 1
+    return total
+
+
+def _parse_tensor(name: str, entry: object, data_size: int, path: str) -> TensorInfo:
+    where = f"tensor {quote_name(name)}"
+    if not _is_text(name):
+        raise HeaderError("header has a tensor name that is not valid text", path)
+    if not isinstance(entry, dict):
+        raise HeaderError(f"{where}: entry is not an object", path)
+    for field in ("dtype", "shape", "data_offsets"):
+        if field not in entry:
+            raise HeaderError(f"{where}: missing '{field}'", path)
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        shown = quote_name(dtype) if isinstance(dtype, str) else "of the wrong type"
+        raise HeaderError(f"{where}: unknown dtype {shown}", path)
+    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d < 2**64 for d in shape):
+        raise HeaderError(f"{where}: shape is not a list of non-negative integers", path)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) and o >= 0 for o in offsets)):
+        raise HeaderError(f"{where}: data_offsets is not a pair of non-negative integers", path)
+    begin, end = offsets
+    if begin > end:
+        raise HeaderError(f"{where}: data_offsets begin {begin} is after end {end}", path)
+    if end > data_size:
+        raise HeaderError(f"{where}: data_offsets end {end} is past the data region ({data_size} bytes)", path)
+    numel = _numel_capped(shape, _NUMEL_CAP)
+    if numel * DTYPE_SIZES[dtype] != end - begin:
+        need = "more than 2**64" if numel > _NUMEL_CAP else str(numel * DTYPE_SIZES[dtype])
+        raise HeaderError(f"{where}: data_offsets span {end - begin} bytes but {dtype} {_short(shape)} needs {need}",
+                          path)  # fmt: skip
+    return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
+def _check_coverage(tensors: Iterable[TensorInfo], data_size: int, path: str) -> None:
+    """Tensors must tile the data region exactly, as the reference reader requires (no hidden payloads)."""
+    cursor, previous = 0, None
+    for info in sorted(tensors, key=lambda t: (t.begin, t.end)):
+        if info.begin < cursor:
+            raise HeaderError(f"tensors {quote_name(previous.name)} and {quote_name(info.name)} overlap", path)
+        if info.begin > cursor:
+            raise HeaderError(f"data region has a hole at bytes {cursor}-{info.begin}", path)
+        cursor, previous = info.end, info
+    if cursor != data_size:
+        raise HeaderError(f"data region has {data_size - cursor} trailing bytes after the last tensor", path)
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Read and validate the header of a safetensors file, without reading any tensor data.
+
+    Raises:
+        HeaderError: for any missing, unreadable or malformed file, with a one-line reason.
+
+    Example:
+        >>> header = read_header("lora.safetensors")  # doctest: +SKIP
+        >>> header.tensors["lora_unet_x.alpha"].shape  # doctest: +SKIP
+        ()
+    """
+    path = os.fspath(path)
+    file_size = check_regular_file(path)
+    n, raw = _read_prefix(path, file_size)
+    obj = _parse_json(raw, path)
+    data_size = file_size - 8 - n
+    metadata = _parse_metadata(obj.get("__metadata__"), path)
+    tensors = {
+        name: _parse_tensor(name, entry, data_size, path) for name, entry in obj.items() if name != "__metadata__"
+    }
+    _check_coverage(tensors.values(), data_size, path)
+    return Header(path, metadata, tensors, n, 8 + n, file_size)
+
+
+# --- reading tensors -------------------------------------------------------------------------------------------
+
+
+class SafetensorsFile:
+    """A validated safetensors file whose tensors are read on demand from a read-only memory map.
+
+    Example:
+        >>> with SafetensorsFile("lora.safetensors") as f:  # doctest: +SKIP
+        ...     down = f.numpy("lora_unet_x.lora_down.weight")
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.header = read_header(path)
+        self.path = self.header.path
+        self.metadata = self.header.metadata
+        self._map: mmap.mmap | None = None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.header.tensors[name]
+        except KeyError:
+            raise LoraToolsError(f"tensor {quote_name(name)} not found", self.path) from None
+
+    def _mapped(self) -> mmap.mmap:
+        if self._map is None:
+            try:
+                with open(self.path, "rb") as f:  # the map keeps its own handle
+                    self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (OSError, ValueError) as e:
+                raise HeaderError(f"cannot map file ({_reason(e)})", self.path) from None
+            # A file cut short after validation would crash the process (SIGBUS) on access.
+            if len(self._map) != self.header.file_size:
+                self.close()
+                raise HeaderError("file changed after its header was read", self.path)
+        return self._map
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's bytes as a zero-copy view into the map."""
+        info = self.info(name)
+        start = self.header.data_start
+        return memoryview(self._mapped())[start + info.begin : start + info.end]
+
+    def numpy(self, name: str) -> np.ndarray:
+        """The tensor as numpy: a read-only view when numpy has the dtype, float32 for bfloat16 and float8."""
+        info = self.info(name)
+        raw = self.raw(name)
+        if info.dtype in _NUMPY_DTYPES:
+            return np.frombuffer(raw, dtype=_NUMPY_DTYPES[info.dtype]).reshape(info.shape)
+        if info.dtype == "BF16":
+            return bf16_bits_to_float32(np.frombuffer(raw, dtype="<u2")).reshape(info.shape)
+        return _F8_TABLES[info.dtype][np.frombuffer(raw, dtype=np.uint8)].reshape(info.shape)
+
+    def torch(self, name: str) -> Any:
+        """The tensor as a torch tensor in its own dtype, copied so it outlives the file."""
+        import torch
+
+        info = self.info(name)
+        dtype = getattr(torch, TORCH_DTYPES[info.dtype])
+        if info.numel == 0:  # torch.frombuffer refuses empty buffers
+            return torch.empty(info.shape, dtype=dtype)
+        return torch.frombuffer(bytearray(self.raw(name)), dtype=dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        if self._map is not None:
+            # Arrays returned by numpy()/raw() may still point into the map; then it stays open until they go.
+            with contextlib.suppress(BufferError):
+                self._map.close()
+            self._map = None
+
+
+# --- writing ---------------------------------------------------------------------------------------------------
+
+Data = Any  # bytes | memoryview | np.ndarray | torch.Tensor | Callable[[], one of those]
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # reading the umask means setting it; done once, at import, before any threads
+
+
+def _plan(items: Iterable[tuple[str, str, Sequence[int], Data]], path: str) -> list[tuple[TensorInfo, Data]]:
+    """Check names, dtypes and shapes, and lay the tensors out back to back in the given order."""
+    plan, seen, offset = [], set(), 0
+    for name, dtype, shape, data in items:
+        if not _is_text(name) or name == "__metadata__" or name in seen:
+            raise LoraToolsError(f"cannot write tensor {quote_name(str(name))}: invalid or duplicate name", path)
+        if dtype not in DTYPE_SIZES:
+            raise LoraToolsError(f"cannot write tensor {quote_name(name)}: unknown dtype {dtype!r}", path)
+        shape = tuple(shape)
+        if not all(_is_int(d) and d >= 0 for d in shape):
+            raise LoraToolsError(f"cannot write tensor {quote_name(name)}: invalid shape {list(shape)}", path)
+        info = TensorInfo(name, dtype, shape, offset, offset + math.prod(shape) * DTYPE_SIZES[dtype])
+        plan.append((info, data))
+        seen.add(name)
+        offset = info.end
+    return plan
+
+
+def _encode_header(
+    plan: list[tuple[TensorInfo, Data]], metadata: dict[str, str] | None, align: int, path: str
+) -> bytes:
+    if not isinstance(align, int) or align < 1:
+        raise ValueError(f"align must be a positive integer, not {align!r}")
+    obj: dict[str, Any] = {}
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(_is_text(k) and _is_text(v) for k, v in metadata.items()):
+            raise LoraToolsError("metadata must map strings to strings", path)
+        obj["__metadata__"] = metadata
+    for info, _ in plan:
+        obj[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
+    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    body += b" " * (-(8 + len(body)) % align)  # spaces are valid JSON padding
+    if len(body) > MAX_HEADER_SIZE:  # no reader would open the file
+        raise LoraToolsError(f"cannot write a header of {len(body)} bytes; the limit is {MAX_HEADER_SIZE}", path)
+    return struct.pack("<Q", len(body)) + body
+
+
+def _tensor_bytes(info: TensorInfo, data: Data, path: str) -> memoryview:
+    """Resolve ``data`` to its raw bytes, without copying where the source allows it."""
+    if callable(data):
+        data = data()
+    if type(data).__module__.startswith("torch"):  # a torch.Tensor, without importing torch here
+        import torch
+
+        data = data.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+    if isinstance(data, np.ndarray):  # safetensors is little-endian
+        data = np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<"), copy=False)).reshape(-1).view(np.uint8)
+    if not isinstance(data, (bytes, bytearray, memoryview, np.ndarray)):
+        kind = type(data).__name__
+        raise LoraToolsError(f"cannot write tensor {quote_name(info.name)}: unsupported data {kind}", path)
+    view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(data)
+    if view.nbytes != info.nbytes:
+        raise LoraToolsError(
+            f"cannot write tensor {quote_name(info.name)}: got {view.nbytes} bytes, "
+            f"{info.dtype} {list(info.shape)} needs {info.nbytes}",
+            path,
+        )
+    return view
+
+
+def _io(path: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run one file-system step; its OSError becomes a one-line error (disk full, no permission…)."""
+    try:
+        return fn(*args)
+    except OSError as e:
+        raise LoraToolsError(f"cannot write output ({_reason(e)})", path) from e
+
+
+def write_safetensors(
+    path: str | os.PathLike,
+    items: Iterable[tuple[str, str, Sequence[int], Data]],
+    metadata: dict[str, str] | None = None,
+    *,
+    overwrite: bool = False,
+    align: int = 8,
+) -> None:
+    """Write tensors to a safetensors file one at a time, atomically.
+
+    Args:
+        path: destination file.
+        items: ``(name, dtype, shape, data)`` in file order; ``data`` is bytes, a numpy array, a torch tensor, or a
+            zero-argument callable returning one, called only when that tensor is written.
+        metadata: the ``__metadata__`` string map.
+        overwrite: replace an existing destination.
+        align: the data region starts at a multiple of this many bytes.
+
+    Example:
+        >>> write_safetensors("out.safetensors", [("x", "F32", (2,), np.zeros(2, np.float32))])  # doctest: +SKIP
+    """
+    path = os.fspath(path)
+    plan = _plan(items, path)
+    header = _encode_header(plan, metadata, align, path)
+    if os.path.isdir(path):
+        raise LoraToolsError("output is a directory", path)
+    if os.path.lexists(path) and not overwrite:
+        raise LoraToolsError("output exists; pass --overwrite to replace it", path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = _io(path, tempfile.mkstemp, ".tmp", "." + os.path.basename(path) + ".", folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _io(path, os.fchmod, f.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 would surprise users
+            _io(path, f.write, header)
+            for info, data in plan:
+                _io(path, f.write, _tensor_bytes(info, data, path))
+            _io(path, f.flush)
+            _io(path, os.fsync, f.fileno())
+        _io(path, os.replace, tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename durable; best effort, as some systems cannot open a folder."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,102 @@
+"""Opening what a user points at: a .safetensors file, a PEFT adapter folder, or (only when asked) a pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from loratools.errors import FormatError, LoraToolsError
+from loratools.io.pickled import is_pickle_path, load_pickled
+from loratools.io.safetensors import SafetensorsFile
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+DIFFUSERS_WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
+LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclass
+class Opened:
+    path: str           # what the user named
+    weights: str        # the file holding the tensors
+    source: object      # SafetensorsFile or TensorDictSource
+    peft_config: dict | None
+    size_bytes: int
+
+
+def _looks_pickled(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head[:2] == b"PK" or head[:1] == b"\x80"
+
+
+def open_lora(path: str | os.PathLike, allow_pickle: bool = False) -> Opened:
+    """Open a LoRA file or PEFT folder; the caller closes ``source``."""
+    p = Path(path)
+    if p.is_dir():
+        return _open_folder(p, allow_pickle)
+    if not p.exists():
+        raise LoraToolsError("no such file or folder", p)
+    if is_pickle_path(p) or (p.suffix != ".safetensors" and p.is_file() and _looks_pickled(str(p))):
+        src = load_pickled(p, allow_pickle)
+        return Opened(str(p), str(p), src, None, p.stat().st_size)
+    src = SafetensorsFile(p)
+    return Opened(str(p), str(p), src, None, p.stat().st_size)
+
+
+def _open_folder(p: Path, allow_pickle: bool) -> Opened:
+    cfg_path = p / PEFT_CONFIG
+    if cfg_path.is_file():
+        weights = next((p / w for w in PEFT_WEIGHTS if (p / w).is_file()), None)
+        if weights is None:
+            raise FormatError(f"PEFT folder has {PEFT_CONFIG} but no {' or '.join(PEFT_WEIGHTS)}", p)
+        config = _read_config(cfg_path)
+        inner = open_lora(weights, allow_pickle)
+        size = cfg_path.stat().st_size + inner.size_bytes
+        return Opened(str(p), str(weights), inner.source, config, size)
+    weights = next((p / w for w in DIFFUSERS_WEIGHTS if (p / w).is_file()), None)
+    if weights is not None:  # a folder saved by diffusers' save_lora_weights
+        inner = open_lora(weights, allow_pickle)
+        return Opened(str(p), str(weights), inner.source, None, inner.size_bytes)
+    raise FormatError(f"folder is not a PEFT adapter (no {PEFT_CONFIG}) and holds no "
+                      f"{DIFFUSERS_WEIGHTS[0]}", p)
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{PEFT_CONFIG} is not valid JSON ({exc})", path) from None
+    if not isinstance(config, dict):
+        raise FormatError(f"{PEFT_CONFIG} is not a JSON object", path)
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise FormatError(f"{PEFT_CONFIG}: peft_type {peft_type!r} is not supported (only LORA)", path)
+    return config
+
+
+def expand_paths(paths) -> list[str]:
+    """Files and adapter folders named by ``paths``; plain folders are searched recursively."""
+    out: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir() and not (p / PEFT_CONFIG).is_file() and not any((p / w).is_file() for w in DIFFUSERS_WEIGHTS):
+            found = _scan(p)
+            out.extend(found if found else [str(p)])  # an empty folder still gets its own error
+        else:
+            out.append(str(p))
+    return out
+
+
+def _scan(folder: Path) -> list[str]:
+    found: list[str] = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        if PEFT_CONFIG in files:
+            found.append(root)
+            dirs[:] = []
+            continue
+        found.extend(os.path.join(root, f) for f in sorted(files) if f.endswith(".safetensors"))
+    return found

@@ -1,0 +1,124 @@
+"""The canonical in-memory LoRA: every adapted base weight is one :class:`Module`.
+
+Formats are codecs at the edge (read -> canonical -> write); operations work on this model only.
+Tensors stay in their file (a :class:`TensorRef` into the mmap'd source) until an operation needs them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loratools.adapters.base import Adapter
+    from loratools.families import FamilyResult
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A lazy handle to one tensor of a source (a safetensors file or a loaded pickle)."""
+
+    source: Any
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    def numpy(self):
+        return self.source.numpy(self.key)
+
+    def torch(self):
+        return self.source.torch(self.key)
+
+    def scalar(self) -> float:
+        """The value of a 0-d or one-element tensor (kohya `.alpha`), read without torch."""
+        return float(self.numpy().reshape(-1)[0])
+
+
+@dataclass
+class Module:
+    """One adapted base weight.
+
+    ``name`` is the module path as the file spells it, with the format's prefix removed (dotted, or
+    kohya-flattened when the file is kohya: flattening cannot be undone without a family table).
+    ``target``/``slice`` name the base weight in the family's original naming once a family table has
+    resolved it.
+    """
+
+    name: str
+    component: str
+    adapter: Adapter
+    alpha: float | None = None
+    magnitude: TensorRef | None = None  # DoRA: `dora_scale` / `lora_magnitude_vector`
+    rslora: bool = False
+    keys: list[str] = field(default_factory=list)
+    target: str | None = None
+    slice: tuple[int, int] | None = None
+
+    @property
+    def rank(self) -> int | None:
+        return self.adapter.rank
+
+    @property
+    def scale(self) -> float:
+        """The factor ΔW is multiplied by (alpha rules per adapter type; user strength excluded)."""
+        return self.adapter.scale(self.alpha, self.rslora)
+
+    @property
+    def type(self) -> str:
+        return self.adapter.kind
+
+    @property
+    def dora_axis(self) -> str | None:
+        """'row' (one norm per output row) or 'column' (one per input column), from the magnitude's shape."""
+        if self.magnitude is None:
+            return None
+        shape = self.magnitude.shape
+        if len(shape) == 1 or (len(shape) >= 2 and shape[1] == 1 and shape[0] != 1):
+            return "row"
+        return "column"
+
+
+@dataclass
+class Lora:
+    """A LoRA file in canonical form."""
+
+    path: str
+    format: str
+    modules: list[Module]
+    metadata: dict[str, str] = field(default_factory=dict)
+    unknown_keys: list[str] = field(default_factory=list)
+    extras: dict[str, list[str]] = field(default_factory=dict)  # embeddings and other non-adapter tensors
+    warnings: list[str] = field(default_factory=list)
+    family: FamilyResult | None = None
+    tensors: dict[str, TensorRef] = field(default_factory=dict)  # every tensor of the source, by key
+    size_bytes: int = 0
+    source: Any = None
+    config: dict | None = None  # PEFT adapter_config / diffusers lora_adapter_metadata, when present
+
+    def components(self) -> Counter:
+        return Counter(m.component for m in self.modules)
+
+    def adapter_types(self) -> Counter:
+        types = Counter(m.type for m in self.modules)
+        dora = sum(1 for m in self.modules if m.magnitude is not None)
+        if dora:
+            types["dora"] = dora
+        return types
+
+    def close(self) -> None:
+        if self.source is not None and hasattr(self.source, "close"):
+            self.source.close()
+
+    def __enter__(self) -> Lora:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,163 @@
+"""Rendering API results for people (rich). `--json` output is the same dicts, printed as JSON."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+_console = Console(highlight=False)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _dist(d: dict, missing: int = 0) -> str:
+    if d["min"] is None:
+        return "none" + (f" (missing on {missing})" if missing else "")
+    values = d["values"]
+    if len(values) == 1:
+        text = next(iter(values))
+    else:
+        shown = ", ".join(f"{k}×{n}" for k, n in list(values.items())[:6]) + (" …" if len(values) > 6 else "")
+        text = f"{_fmt(d['min'])}–{_fmt(d['max'])} (most common {_fmt(d['common'])}; {shown})"
+    if missing:
+        text += f", missing on {missing}"
+    return str(text)
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _family_line(fam: dict) -> Text:
+    t = Text()
+    fid = fam.get("id", "unknown")
+    t.append(fid, style="bold red" if fid == "unknown" else "bold green")
+    if fam.get("variant"):
+        t.append(f" ({fam['variant']})")
+    t.append(f"  confidence {fam.get('confidence', 0):.2f}")
+    alts = fam.get("alternatives") or []
+    if alts:
+        a = alts[0]
+        t.append(f"  runner-up {a.get('id')} {a.get('confidence', 0):.2f}", style="dim")
+    return t
+
+
+def print_inspect(info: dict, top: int = 20, console: Console | None = None) -> None:
+    c = console or _console
+    c.rule(Text(info["path"], style="bold"))
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="cyan", no_wrap=True)
+    grid.add_column()
+    fam = info["family"]
+    grid.add_row("format", info["format"])
+    grid.add_row("family", _family_line(fam))
+    for line in fam.get("evidence", [])[:6]:
+        grid.add_row("", Text(f"✓ {line}", style="dim"))
+    for line in fam.get("mismatches", [])[:4]:
+        grid.add_row("", Text(f"✗ {line}", style="yellow"))
+    if fam.get("reason"):
+        grid.add_row("", Text(fam["reason"], style="yellow"))
+    for claim in fam.get("metadata_claims", []):
+        verdict = {True: "agrees", False: "DISAGREES", None: "unchecked"}[claim.get("agrees")]
+        grid.add_row("", Text(f"metadata {claim['key']}={claim['value']!r} {verdict}",
+                              style="red" if claim.get("agrees") is False else "dim"))
+    grid.add_row("adapters", ", ".join(f"{k} ×{n}" for k, n in info["adapters"].items()))
+    if info.get("dora_axis"):
+        grid.add_row("DoRA axis", ", ".join(f"{k} ×{n}" for k, n in info["dora_axis"].items()))
+    grid.add_row("modules", f"{info['modules']}  (" + ", ".join(f"{k} {n}" for k, n in info["components"].items()) + ")")
+    grid.add_row("rank", _dist(info["rank"]))
+    grid.add_row("alpha", _dist(info["alpha"], info["alpha"]["missing"]))
+    grid.add_row("scale α/r", _dist(info["scale"]) + ("  (rsLoRA α/√r)" if info.get("rslora") else ""))
+    grid.add_row("dtypes", ", ".join(f"{k} ×{n}" for k, n in info["dtypes"].items()))
+    grid.add_row("size", f"{_size(info['size_bytes'])}, {info['tensors']} tensors, {info['parameters']:,} parameters")
+    for k, n in info.get("extras", {}).items():
+        grid.add_row(k, str(n))
+    if "hashes" in info:
+        h = info["hashes"]
+        grid.add_row("sha256", h["sha256"])
+        grid.add_row("AutoV2", h["autov2"])
+        if "autov3" in h:
+            grid.add_row("AutoV3", h["autov3"] + ("" if h.get("embedded_matches", True) else
+                                                     "  (embedded sshs_model_hash is stale)"))
+    for w in info["warnings"]:
+        grid.add_row(Text("warning", style="yellow"), w)
+    c.print(grid)
+    if "training" in info:
+        _print_training(info["training"], top, c)
+    if "layers" in info:
+        _print_layers(info["layers"], info.get("stats"), c)
+    elif "stats" in info:
+        _print_stats(info["stats"], c)
+
+
+def _print_training(tr: dict, top: int, c: Console) -> None:
+    t = Table(title="training", show_header=False, title_justify="left")
+    t.add_column(style="cyan")
+    t.add_column(overflow="fold")
+    for k, v in tr["summary"].items():
+        t.add_row(k, v)
+    c.print(t)
+    if tr["tags"]:
+        tags = Table(title=f"top {min(top, len(tr['tags']))} tags", title_justify="left")
+        tags.add_column("tag")
+        tags.add_column("count", justify="right")
+        for tag, n in tr["tags"][:top]:
+            tags.add_row(tag, str(n))
+        c.print(tags)
+    keys = Table(title="ss_* / modelspec.* metadata", title_justify="left")
+    keys.add_column("key", style="cyan")
+    keys.add_column("value", overflow="fold")
+    for k, v in tr["keys"].items():
+        keys.add_row(k, v if len(v) <= 300 else v[:300] + " …")
+    c.print(keys)
+
+
+def _print_layers(rows: list[dict], stats: dict | None, c: Console) -> None:
+    by_name = {r["name"]: r for r in stats["modules"]} if stats else {}
+    t = Table(title="modules", title_justify="left")
+    for col in ("module", "comp", "type", "rank", "alpha", "scale", "in", "out", "dtype"):
+        t.add_column(col, justify="right" if col in ("rank", "alpha", "scale", "in", "out") else "left")
+    if stats:
+        t.add_column("‖ΔW‖", justify="right")
+        t.add_column("eff. rank", justify="right")
+    for r in rows:
+        cells = [r["name"], r["component"], r["type"] + (f"+dora({r['dora']})" if r["dora"] else ""),
+                 _fmt(r["rank"]) if r["rank"] is not None else "-", _fmt(r["alpha"]) if r["alpha"] is not None else "-",
+                 f"{r['scale']:g}", _fmt(r["in"]) if r["in"] else "-", _fmt(r["out"]) if r["out"] else "-", r["dtype"]]
+        if stats:
+            s = by_name.get(r["name"], {})
+            cells += [f"{s['norm']:.4g}" if s.get("norm") is not None else ",".join(s.get("flags", [])) or "-",
+                      f"{s['effective_rank']:.2f}" if s.get("effective_rank") is not None else "-"]
+        t.add_row(*cells)
+    c.print(t)
+    if stats:
+        _print_stats_summary(stats, c)
+
+
+def _print_stats(stats: dict, c: Console) -> None:
+    rows = sorted((r for r in stats["modules"] if r["norm"] is not None), key=lambda r: -r["norm"])
+    t = Table(title="largest ‖ΔW‖ (scale included)", title_justify="left")
+    t.add_column("module")
+    t.add_column("‖ΔW‖_F", justify="right")
+    t.add_column("eff. rank", justify="right")
+    for r in rows[:10]:
+        t.add_row(r["name"], f"{r['norm']:.4g}", f"{r['effective_rank']:.2f}")
+    c.print(t)
+    _print_stats_summary(stats, c)
+
+
+def _print_stats_summary(stats: dict, c: Console) -> None:
+    s = stats["summary"]
+    total = f"{s['total_norm']:.4g}" if s["total_norm"] is not None else "-"
+    c.print(f"total ‖ΔW‖_F {total}; NaN/Inf modules {s['nan_or_inf']}, all-zero {s['all_zero']}, "
+            f"needing base weights {s['needs_base']}")
+    for r in stats["modules"]:
+        if "nan_or_inf" in r["flags"] or "all_zero" in r["flags"]:
+            c.print(Text(f"  {r['name']}: {', '.join(r['flags'])}", style="yellow"))
