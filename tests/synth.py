@@ -18,7 +18,7 @@ KEYSPACES = {
     "sdxl": "sdxl__kohya_keyspace__sdmecha-diffusers-names.json",
 }
 DEFAULT_DIM = 64
-DEFAULT_RANK = 4
+DEFAULT_RANK = 2
 
 
 def layout(name: str) -> dict:
@@ -76,17 +76,39 @@ def fill_shape(family: str, key: str, rank: int = DEFAULT_RANK) -> list[int]:
     return [out]
 
 
+def small_shape(key: str, shape: list[int], rank: int, cap: int | None) -> list[int]:
+    """The layout's shape with the LoRA rank cut to ``rank`` (and every dim capped for non-LoRA files)."""
+    if cap is not None:
+        return [min(d, cap) for d in shape]
+    role = parse_key(key).role
+    shape = list(shape)
+    if role == "lora_down" and shape:
+        shape[0] = min(shape[0], rank)
+    elif role == "lora_up" and len(shape) > 1:
+        shape[1] = min(shape[1], rank)
+    elif role == "lora_mid" and len(shape) > 1:
+        shape[0], shape[1] = min(shape[0], rank), min(shape[1], rank)
+    return shape
+
+
 def synthesize(name: str, dest: Path, *, seed: int = 0, rank: int = DEFAULT_RANK, metadata: dict | None = None,
-               dtype: str | None = None, layout_data: dict | None = None) -> Path:
-    """Write a safetensors file with the layout's keys, shapes and dtypes and random values."""
+               dtype: str | None = None, layout_data: dict | None = None, cap: int | None = None) -> Path:
+    """Write a safetensors file with the layout's keys, dims and dtypes and random values.
+
+    LoRA ranks are cut to ``rank`` to keep files small (real names and module dims stay); files that
+    are not LoRAs (``kind: other``) get every dim capped at 8, since only their names matter.
+    """
     lay = layout_data or layout(name)
+    if cap is None and lay.get("kind") == "other":
+        cap = 8
     rng = np.random.default_rng(seed)
     items = []
     for key, t in lay["tensors"].items():
         shape = t.get("shape")
         if shape is None:
             shape = fill_shape(lay["family"], key, rank)
-        dt = dtype or t.get("dtype") or "F32"
+        shape = small_shape(key, shape, rank, cap)
+        dt = dtype or t.get("dtype") or "F16"
         items.append((key, dt, tuple(shape), _values(rng, key, dt, shape)))
     meta = dict(lay.get("metadata") or {}) if metadata is None else metadata
     write_safetensors(dest, items, meta, overwrite=True)
@@ -110,10 +132,10 @@ def _values(rng, key: str, dtype: str, shape) -> bytes:
     return vals.astype(np_dtype).tobytes()
 
 
-def write_peft_folder(name: str, dest: Path, seed: int = 0) -> Path:
+def write_peft_folder(name: str, dest: Path, seed: int = 0, rank: int = 4) -> Path:
     """A PEFT adapter folder (adapter_config.json from the layout's sidecar + adapter_model.safetensors)."""
     lay = layout(name)
     dest.mkdir(parents=True, exist_ok=True)
-    synthesize(name, dest / "adapter_model.safetensors", seed=seed)
+    synthesize(name, dest / "adapter_model.safetensors", seed=seed, rank=rank)
     (dest / "adapter_config.json").write_text(json.dumps(lay["sidecar_files"]["adapter_config.json"]))
     return dest

@@ -10,13 +10,15 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from typing import Mapping, Sequence
 
 from ..errors import UnknownFamily
-from .engine import TIE, Encoders, Family, _Context, _Eval, _te_stats, normalise
+from .engine import TIE, Context, Evaluation, group_regex, normalise, prefixes, text_encoder_stats, to_regex
 
 __all__ = [
     "FAMILY_IDS", "Family", "FamilyResult", "ModuleEvidence", "detect_family", "get_family", "load_families",
@@ -49,6 +51,111 @@ class FamilyResult:
     metadata_claims: list[dict] = field(default_factory=list)
     reason: str | None = None
     model_component: str = "model"
+
+
+# ------------------------------------------------------------------------------- the data files, compiled
+
+
+def _ints(v) -> tuple[int, ...] | None:
+    if v is None:
+        return None
+    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),)
+
+
+class Rule:
+    __slots__ = ("source", "pattern", "rx", "says", "first")  # first: prefixes of the names it can match
+
+    def __init__(self, spec: Mapping):
+        self.source = spec["pattern"]
+        self.pattern = to_regex(self.source)
+        self.rx = re.compile(self.pattern)
+        self.says = spec.get("says") or spec["pattern"]
+        self.first = prefixes(self.pattern)
+
+
+class BlockRule(Rule):
+    __slots__ = ("count", "complete")
+
+    def __init__(self, spec: Mapping):
+        super().__init__(spec)
+        self.count = int(spec["count"])
+        self.complete = spec.get("complete")
+
+
+class DimRule(Rule):
+    __slots__ = ("expect", "weight")
+
+    def __init__(self, spec: Mapping):
+        super().__init__(spec)
+        alts = spec.get("expect") or [{"in": spec.get("in"), "out": spec.get("out")}]
+        self.expect = [(_ints(a.get("in")), _ints(a.get("out")), a.get("variant")) for a in alts]
+        self.weight = float(spec.get("weight", 1))
+
+    def check(self, dims: tuple[int | None, int | None]) -> tuple[bool, str | None]:
+        i, o = dims
+        for ei, eo, variant in self.expect:
+            if (ei is None or i is None or i in ei) and (eo is None or o is None or o in eo):
+                return True, variant
+        return False, None
+
+    def expected(self) -> str:
+        return " or ".join(
+            " ".join(f"{k} {'/'.join(map(str, v))}" for k, v in (("in", ei), ("out", eo)) if v)
+            for ei, eo, _ in self.expect)
+
+
+class Family:
+    """One family's description, compiled for matching. ``data`` keeps the file's content."""
+
+    def __init__(self, data: Mapping):
+        self.data = data
+        self.id: str = data["id"]
+        self.name: str = data.get("name", self.id)
+        self.model_component: str = data.get("model_component", "transformer")
+        self.prior = float(data.get("prior", 0.5))
+        self.tells: str = data.get("tells", "")
+        self.modules = [Rule(s) for s in data.get("modules", [])]
+        self.forbid = [Rule(s) for s in data.get("forbid", [])]
+        self.blocks = [BlockRule(s) for s in data.get("blocks", [])]
+        self.dims = [DimRule(s) for s in data.get("dims", [])]
+        self.text_encoders: dict[str, list[str]] = {k: list(v) for k, v in data.get("text_encoders", {}).items()}
+        self.metadata = {k: [re.compile(p, re.I) for p in v] for k, v in data.get("metadata", {}).items()}
+        self.variants = [
+            (re.compile(to_regex(v["pattern"])) if "pattern" in v else None,
+             {k: re.compile(p, re.I) for k, p in v.get("metadata", {}).items()}, v["variant"])
+            for v in data.get("variants", [])
+        ]
+        # one regex for "does the family have this module", with a named group per rule (for the evidence);
+        # a second one for a whole group of names at once, with the block index written as '#'
+        anchored = [r.pattern if r.pattern.startswith("^") else f".*?(?:{r.pattern})" for r in self.modules]
+        self.module_rx = re.compile("|".join(f"(?P<m{k}>{p})" for k, p in enumerate(anchored))) if anchored else None
+        keyed = [k for r in self.modules if (k := group_regex(r.source))]
+        self.key_rx = re.compile("|".join(f"(?:{p if p.startswith('^') else '.*?' + p})" for p in keyed)) \
+            if keyed else None
+        firsts = [r.first for r in self.modules]
+        self.module_first = None if any(f is None for f in firsts) else tuple(sorted({p for f in firsts for p in f}))
+
+    def claims(self, key: str, value: str) -> bool:
+        return any(p.search(value) for p in self.metadata.get(key, ()))
+
+    def __repr__(self) -> str:
+        return f"Family({self.id!r})"
+
+
+class Encoder:
+    def __init__(self, eid: str, spec: Mapping):
+        self.id = eid
+        self.name = spec.get("name", eid)
+        self.rx = re.compile(to_regex(spec["pattern"]))
+        self.width = int(spec["width"])
+        self.layers = int(spec["layers"])
+
+
+class Encoders:
+    def __init__(self, data: Mapping):
+        self.width_in = re.compile(data["width_in"])
+        self.width_out = re.compile(data["width_out"])
+        self.by_id = {k: Encoder(k, v) for k, v in data["encoders"].items()}
 
 
 def _data_dir():
@@ -100,16 +207,59 @@ def _claims(metadata: Mapping[str, str], families: Mapping[str, Family]) -> list
     return out
 
 
-def _why(e: _Eval, winner: _Eval) -> str:
-    problems = e.problems()
+def _plural(k: int, word: str) -> str:
+    return f"{k} {word}{'s' * (k != 1)}"
+
+
+def _fmt(dims: tuple[int | None, int | None]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in (("in", dims[0]), ("out", dims[1])) if v is not None)
+
+
+def _variant(e: Evaluation, metadata: Mapping[str, str]) -> str | None:
+    """The shape rules' majority variant, then pattern and metadata variants, joined by '-'."""
+    parts = [e.votes.most_common(1)[0][0]] if e.votes else []
+    for rx, md, variant in e.fam.variants:
+        hit = (rx is not None and any(rx.search(names[0]) for names in e.groups.values())) or (
+            bool(md) and all(k in metadata and p.search(str(metadata[k])) for k, p in md.items()))
+        if hit and variant not in parts:
+            parts.append(variant)
+    return "-".join(parts) or None
+
+
+def _evidence(e: Evaluation) -> list[str]:
+    counts: Counter = Counter()
+    match = e.fam.module_rx.match
+    for names in e.groups.values():
+        for n in names:
+            m = match(n)
+            counts[e.fam.modules[int(m.lastgroup[1:])].says if m else "other names"] += 1
+    out = [f"{says} ({_plural(k, 'module')})" for says, k in counts.most_common(5)]
+    out += [r.complete for r, _ in e.complete]
+    out += [f"{r.says}: {r.count} of {r.count}" if top == r.count - 1 else
+            f"{r.says}: indices up to {top} (the model has {r.count})" for r, top in e.partial]
+    out += [f"{r.says} ({_plural(k, 'module')})" for r, k in e.dim_ok]
+    return out + e.te_text
+
+
+def _problems(e: Evaluation) -> list[str]:
+    out = [f"{_plural(e.n_missing, 'module name')} not in {e.fam.name} (e.g. {e.missing})"] if e.n_missing else []
+    out += [f"{r.says} (e.g. {ex})" for r, ex in e.forbidden]
+    out += [f"{r.says}: index {top}, but {e.fam.name} has {r.count}" for r, top in e.over]
+    out += [f"{r.says}: expected {r.expected()}, found {_fmt(d)} on {_plural(k, 'module')} (e.g. {ex})"
+            for r, k, ex, d in e.dim_bad]
+    return out + e.te_bad
+
+
+def _why(e: Evaluation, winner: Evaluation) -> str:
+    problems = _problems(e)
     if problems:
         return problems[0]
     better = [r.complete for r, _ in winner.complete] + [r.says for r, _ in winner.dim_ok] + winner.te_text
     return f"fits the names, but {winner.fam.id} fits better" + (f" ({better[0]})" if better else "")
 
 
-def _alternatives(winner: _Eval, others: list[_Eval], tied: list[_Eval], chooser: dict | None, conf: float,
-                  limit: int = 5) -> list[dict]:
+def _alternatives(winner: Evaluation, others: list[Evaluation], tied: list[Evaluation], chooser: dict | None,
+                  conf: float, limit: int = 5) -> list[dict]:
     out = []
     for e in others:
         if e in tied and chooser is None:
@@ -129,13 +279,13 @@ def detect_family(modules: Sequence[ModuleEvidence], metadata: Mapping[str, str]
     """Score every family against the modules (names and shapes) and return the best, explained."""
     families = load_families()
     metadata = dict(metadata or {})
-    ctx = _Context(modules)
+    ctx = Context(modules)
     claims = _claims(metadata, families)
     if not ctx.model and not ctx.te:
         return FamilyResult("unknown", reason="no modules to examine", metadata_claims=claims)
     encoders = _encoders()
-    te_stats = _te_stats(ctx, encoders) if ctx.te else {}
-    evals = [e for f in families.values() if (e := _Eval(f, ctx, te_stats, encoders)).candidate]
+    te_stats = text_encoder_stats(ctx, encoders) if ctx.te else {}
+    evals = [e for f in families.values() if (e := Evaluation(f, ctx, te_stats, encoders)).candidate]
     if not evals:
         return FamilyResult("unknown", reason="no family rule matched any module name", metadata_claims=claims)
 
@@ -159,21 +309,20 @@ def detect_family(modules: Sequence[ModuleEvidence], metadata: Mapping[str, str]
         conf = min(0.7, sum(e.p for e in tied) * winner.quality)
     else:
         conf = min(0.5, winner.p * winner.quality)
-    if not ctx.model:
-        conf = min(conf, 0.4)
+    conf = min(conf, 0.4 if not ctx.model else 0.99)  # text encoders alone say little; nothing is certain
 
     reason = None
-    if ctx.model and winner.fit < 0.5:
-        reason = (f"no family explains most module names (closest: {winner.fam.id}, "
-                  f"{max(winner.fit, 0.0):.0%} of the module kinds)")
+    if ctx.model and min(winner.fit, winner.n_explained / len(ctx.model)) < 0.5:
+        reason = (f"no family explains most module names (closest: {winner.fam.id}, {winner.n_explained} of "
+                  f"{len(ctx.model)} modules, {max(winner.fit, 0.0):.0%} of the module kinds)")
     elif not ctx.model and len(tied) > 1 and chooser is None:
         reason = f"only text-encoder modules, which fit {', '.join(e.fam.id for e in tied)} alike"
     if reason:
         alts = [{"id": e.fam.id, "confidence": round(min(e.p * e.quality, 0.5), 3),
-                 "why": "; ".join(e.problems()[:1] + e.evidence()[:1])} for e in evals[:5]]
+                 "why": "; ".join(_problems(e)[:1] + _evidence(e)[:1])} for e in evals[:5]]
         return FamilyResult("unknown", reason=reason, alternatives=alts, metadata_claims=claims)
 
-    evidence, mismatches = winner.evidence(), winner.problems()
+    evidence, mismatches = _evidence(winner), _problems(winner)
     if len(tied) > 1:
         rest = ", ".join(e.fam.id for e in tied if e is not winner)
         evidence.append(f"the keys fit {rest} equally well; " + (
@@ -187,9 +336,11 @@ def detect_family(modules: Sequence[ModuleEvidence], metadata: Mapping[str, str]
             evidence.append(f"metadata {c['key']}={c['value']} agrees")
         else:
             mismatches.append(f"metadata {c['key']}={c['value']} claims {c['family']}; the keys say {winner.fam.id}")
+    if any(c["agrees"] is False for c in claims):
+        conf *= 0.9  # the keys win, but a file that says otherwise is a little suspect
     return FamilyResult(
         id=winner.fam.id,
-        variant=winner.variant(metadata),
+        variant=_variant(winner, metadata),
         confidence=round(conf, 3),
         evidence=evidence,
         mismatches=mismatches,

@@ -32,7 +32,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter, defaultdict
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from . import Encoders, Family, Rule
 
 # Score weights (points; one point is a factor e in the softmax that gives the confidence).
 UNEXPLAINED = 3.0  # per kind of model module (digits collapsed) the family does not have
@@ -56,8 +59,15 @@ def normalise(name: str) -> str:
     return n.strip("_") if n[:1] == "_" or n[-1:] == "_" else n
 
 
-def _regex(pattern: str) -> str:
+def to_regex(pattern: str) -> str:
+    """A data-file pattern as a regular expression: '#' is a run of digits."""
     return pattern.replace("#", r"\d+")
+
+
+def group_regex(pattern: str) -> str | None:
+    """The pattern for a group key, where '#' stands for the block index of every name in the group; None when
+    a match of the key would not prove a match of every name (a lone '.' or '[^' could take the '#')."""
+    return None if _LONE_ANY.search(pattern) else pattern.replace("#", r"(?:\d+|#)")
 
 
 def _split_alternatives(body: str) -> list[str]:
@@ -112,115 +122,12 @@ def prefixes(pattern: str, k: int = 3) -> tuple[str, ...] | None:
     return None if "" in found else tuple(sorted(found))
 
 
-def _ints(v) -> tuple[int, ...] | None:
-    if v is None:
-        return None
-    return tuple(int(x) for x in v) if isinstance(v, (list, tuple)) else (int(v),)
-
-
-class Rule:
-    __slots__ = ("source", "pattern", "rx", "says", "first")  # first: prefixes of the names it can match
-
-    def __init__(self, spec: Mapping):
-        self.source = spec["pattern"]
-        self.pattern = _regex(self.source)
-        self.rx = re.compile(self.pattern)
-        self.says = spec.get("says") or spec["pattern"]
-        self.first = prefixes(self.pattern)
-
-
-class BlockRule(Rule):
-    __slots__ = ("count", "complete")
-
-    def __init__(self, spec: Mapping):
-        super().__init__(spec)
-        self.count = int(spec["count"])
-        self.complete = spec.get("complete")
-
-
-class DimRule(Rule):
-    __slots__ = ("expect", "weight")
-
-    def __init__(self, spec: Mapping):
-        super().__init__(spec)
-        alts = spec.get("expect") or [{"in": spec.get("in"), "out": spec.get("out")}]
-        self.expect = [(_ints(a.get("in")), _ints(a.get("out")), a.get("variant")) for a in alts]
-        self.weight = float(spec.get("weight", 1))
-
-    def check(self, dims: tuple[int | None, int | None]) -> tuple[bool, str | None]:
-        i, o = dims
-        for ei, eo, variant in self.expect:
-            if (ei is None or i is None or i in ei) and (eo is None or o is None or o in eo):
-                return True, variant
-        return False, None
-
-    def expected(self) -> str:
-        return " or ".join(
-            " ".join(f"{k} {'/'.join(map(str, v))}" for k, v in (("in", ei), ("out", eo)) if v)
-            for ei, eo, _ in self.expect)
+# --------------------------------------------------------------------------------------------------- detection
 
 
 def _first_rule(rules: Sequence[Rule], name: str) -> int:
     return next((k for k, r in enumerate(rules) if (r.first is None or name.startswith(r.first)) and r.rx.search(name)),
                 -1)
-
-
-class Family:
-    """One family's description, compiled for matching. ``data`` keeps the file's content."""
-
-    def __init__(self, data: Mapping):
-        self.data = data
-        self.id: str = data["id"]
-        self.name: str = data.get("name", self.id)
-        self.model_component: str = data.get("model_component", "transformer")
-        self.prior = float(data.get("prior", 0.5))
-        self.tells: str = data.get("tells", "")
-        self.modules = [Rule(s) for s in data.get("modules", [])]
-        self.forbid = [Rule(s) for s in data.get("forbid", [])]
-        self.blocks = [BlockRule(s) for s in data.get("blocks", [])]
-        self.dims = [DimRule(s) for s in data.get("dims", [])]
-        self.text_encoders: dict[str, list[str]] = {k: list(v) for k, v in data.get("text_encoders", {}).items()}
-        self.metadata = {k: [re.compile(p, re.I) for p in v] for k, v in data.get("metadata", {}).items()}
-        self.variants = [
-            (re.compile(_regex(v["pattern"])) if "pattern" in v else None,
-             {k: re.compile(p, re.I) for k, p in v.get("metadata", {}).items()}, v["variant"])
-            for v in data.get("variants", [])
-        ]
-        # one regex for "does the family have this module", with a named group per rule (for the evidence);
-        # a second one for a whole group of names at once, with the block index written as '#'
-        anchored = [r.pattern if r.pattern.startswith("^") else f".*?(?:{r.pattern})" for r in self.modules]
-        self.module_rx = re.compile("|".join(f"(?P<m{k}>{p})" for k, p in enumerate(anchored))) if anchored else None
-        safe = [r.source for r in self.modules if not _LONE_ANY.search(r.source)]
-        keyed = [p.replace("#", r"(?:\d+|#)") for p in safe]
-        self.key_rx = re.compile("|".join(f"(?:{p if p.startswith('^') else '.*?' + p})" for p in keyed)) \
-            if keyed else None
-        firsts = [r.first for r in self.modules]
-        self.module_first = None if any(f is None for f in firsts) else tuple(sorted({p for f in firsts for p in f}))
-
-    def claims(self, key: str, value: str) -> bool:
-        return any(p.search(value) for p in self.metadata.get(key, ()))
-
-    def __repr__(self) -> str:
-        return f"Family({self.id!r})"
-
-
-class Encoder:
-    def __init__(self, eid: str, spec: Mapping):
-        self.id = eid
-        self.name = spec.get("name", eid)
-        self.rx = re.compile(_regex(spec["pattern"]))
-        self.width = int(spec["width"])
-        self.layers = int(spec["layers"])
-
-
-class Encoders:
-    def __init__(self, data: Mapping):
-        self.width_in = re.compile(data["width_in"])
-        self.width_out = re.compile(data["width_out"])
-        self.by_id = {k: Encoder(k, v) for k, v in data["encoders"].items()}
-
-
-# --------------------------------------------------------------------------------------------------- detection
 
 
 def _dim(v) -> int | None:
@@ -249,7 +156,7 @@ def _kinds(names: Iterable[str]) -> dict[str, list[str]]:
     return kinds
 
 
-class _Context:
+class Context:
     """The file's modules, grouped the way the rules need them."""
 
     def __init__(self, modules: Iterable):
@@ -291,7 +198,7 @@ class _Context:
             self.buckets[key[:3]].append(key)
             self.kinds[_kind(key)].append(key)
             self.dims[key] = _shapes(names, model)
-            if key in index or len(names) > 1 or names[0] in index:
+            if names[0] in index:
                 self.top[key] = max(index[n][1] for n in names)
         self.n_kinds = len(self.kinds)
         self.cache: dict[str, dict[str, list[str]]] = {}  # module regex -> the groups it has
@@ -306,33 +213,15 @@ class _Context:
 
 
 def _shapes(names: Iterable[str], dims: Mapping[str, tuple]) -> dict[tuple, list]:
+    """Shape -> [how many of the names have it, one of them]."""
     out: dict[tuple, list] = {}
     for n in names:
-        d = dims[n]
-        if d != (None, None):
-            rec = out.get(d)
-            if rec is None:
-                out[d] = [1, n]
-            else:
-                rec[0] += 1
+        if (d := dims[n]) != (None, None):
+            out.setdefault(d, [0, n])[0] += 1
     return out
 
 
-def _unexplained(kinds: Mapping[str, list[str]], explained) -> tuple[float, list[str]]:
-    total, missing = 0.0, []
-    for names in kinds.values():
-        k = sum(1 for n in names if n in explained)
-        if k < len(names):
-            total += 1 - k / len(names)
-            missing.extend(n for n in names if n not in explained)
-    return total, missing
-
-
-def _fmt(dims: tuple[int | None, int | None]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in (("in", dims[0]), ("out", dims[1])) if v is not None)
-
-
-def _te_stats(ctx: _Context, encoders: Encoders) -> dict:
+def text_encoder_stats(ctx: Context, encoders: Encoders) -> dict:
     """For every text-encoder slot and encoder: the names it has, how many widths were checked, what failed."""
     stats = {}
     for slot, names in ctx.te.items():
@@ -358,10 +247,10 @@ def _te_stats(ctx: _Context, encoders: Encoders) -> dict:
     return stats
 
 
-class _Eval:
+class Evaluation:
     """One family scored against one file."""
 
-    def __init__(self, fam: Family, ctx: _Context, te_stats: Mapping, encoders: Encoders):
+    def __init__(self, fam: Family, ctx: Context, te_stats: Mapping, encoders: Encoders):
         self.fam, self.ctx, self.p = fam, ctx, 0.0
         self.groups = ctx.cache.get(fam.module_rx.pattern) if fam.module_rx is not None else {}
         if self.groups is None:  # the names the family has, by group (families with the same rules share it)
@@ -404,7 +293,7 @@ class _Eval:
             -UNEXPLAINED * self.unexplained - TE_UNEXPLAINED * self.te_unexplained
             - FORBIDDEN * len(self.forbidden) - BLOCK_OVER * len(self.over)
             + BLOCK_COMPLETE * len(self.complete) + DIMS * self.balance + TE_DIMS * self.te_balance)
-        quality = max(self.fit, 0.0) * self.dims_factor * (0.85 if self.te_bad else 1.0)
+        quality = max(self.fit, 0.0) * self.dims_factor * (0.85 if self.te_balance < 0 else 1.0)
         if not self.dims_checked and not self.te_checked:
             quality *= 0.85  # names only: nothing could contradict them
         if 0 < len(ctx.model) < 3:
@@ -412,7 +301,7 @@ class _Eval:
         self.quality = quality
         self.candidate = self.n_explained > 0 or self.te_explained > 0
 
-    def _blocks(self, ctx: _Context) -> None:
+    def _blocks(self, ctx: Context) -> None:
         self.over, self.complete, self.partial = [], [], []
         for r in self.fam.blocks:
             top = -1
@@ -435,7 +324,7 @@ class _Eval:
             elif top >= 0:
                 (self.complete if r.complete and top == r.count - 1 else self.partial).append((r, top))
 
-    def _dims(self, ctx: _Context) -> None:
+    def _dims(self, ctx: Context) -> None:
         self.dim_ok, self.dim_bad, self.votes = [], [], Counter()
         per_rule: dict[int, list] = {}
         for key, names in self.groups.items():
@@ -466,9 +355,9 @@ class _Eval:
         self.balance = (good - bad) / (good + bad) if per_rule else 0.0
         self.dims_factor = 1.0 if bad == 0 else 0.6 + 0.3 * good / (good + bad)
 
-    def _text_encoders(self, ctx: _Context, te_stats: Mapping, encoders: Encoders) -> None:
+    def _text_encoders(self, ctx: Context, te_stats: Mapping, encoders: Encoders) -> None:
         self.te_unexplained, self.te_explained, self.te_text, self.te_bad = 0.0, 0, [], []
-        good = bad = 0
+        good = bad = 0  # slots whose widths fit / do not fit
         for slot, kinds in ctx.te_kinds.items():
             seen, best = set(), None
             for eid in self.fam.text_encoders.get(slot, ()):
@@ -480,7 +369,11 @@ class _Eval:
                 if matched and (best is None or rank > best[0]):
                     best = (rank, encoders.by_id[eid], checked, errs)
             self.te_explained += len(seen)
-            self.te_unexplained += _unexplained(kinds, seen)[0]
+            missing = [n for names in kinds.values() for n in names if n not in seen]
+            self.te_unexplained += sum(sum(n not in seen for n in names) / len(names) for names in kinds.values())
+            if missing:
+                self.te_bad.append(f"{slot}: {len(missing)} module name{'s' * (len(missing) != 1)} fit no text "
+                                   f"encoder of {self.fam.name} (e.g. {missing[0]})")
             if best is None:
                 continue
             _, enc, checked, errs = best
@@ -492,36 +385,3 @@ class _Eval:
                 self.te_text.append(f"{slot}: {enc.name}" + (f" (width {enc.width})" if checked else " names"))
         self.te_checked = good + bad > 0
         self.te_balance = (good - bad) / (good + bad) if good + bad else 0.0
-
-    def variant(self, metadata: Mapping[str, str]) -> str | None:
-        parts = [self.votes.most_common(1)[0][0]] if self.votes else []
-        for rx, md, variant in self.fam.variants:
-            hit = (rx is not None and any(rx.search(names[0]) for names in self.groups.values())) or (
-                bool(md) and all(k in metadata and p.search(str(metadata[k])) for k, p in md.items()))
-            if hit and variant not in parts:
-                parts.append(variant)
-        return "-".join(parts) or None
-
-    def evidence(self) -> list[str]:
-        counts: Counter = Counter()
-        match = self.fam.module_rx.match
-        for names in self.groups.values():
-            for n in names:
-                m = match(n)
-                counts[self.fam.modules[int(m.lastgroup[1:])].says if m else "other names"] += 1
-        out = [f"{says} ({k} module{'s' * (k != 1)})" for says, k in counts.most_common(5)]
-        out += [r.complete for r, _ in self.complete]
-        out += [f"{r.says}: highest index {top} (the model has {r.count})" for r, top in self.partial]
-        out += [f"{r.says} ({k} module{'s' * (k != 1)})" for r, k in self.dim_ok]
-        return out + self.te_text
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.n_missing:
-            out.append(f"{self.n_missing} module name{'s' * (self.n_missing != 1)} not in {self.fam.name} "
-                       f"(e.g. {self.missing})")
-        out += [f"{r.says} (e.g. {ex})" for r, ex in self.forbidden]
-        out += [f"{r.says}: index {top}, but {self.fam.name} has {r.count}" for r, top in self.over]
-        out += [f"{r.says}: expected {r.expected()}, found {_fmt(d)} on {k} module{'s' * (k != 1)} (e.g. {ex})"
-                for r, k, ex, d in self.dim_bad]
-        return out + self.te_bad
