@@ -26,6 +26,13 @@ collapse, leading underscores go. ``#`` stands for a run of digits. A pattern sh
 where it can: that lets the engine skip names that cannot match. Names that differ only in their block index (the
 number after the last ``blocks_`` or ``layers_``) are checked together, so ``forbid`` and ``dims`` patterns must
 not depend on that number (write it as ``#``).
+
+Scoring, in points (the weights are below): a family loses points for every kind of module (name with its numbers
+collapsed) it does not have, for every forbid rule that fires and every block index beyond its block count; it gains
+points for a complete block count and, in proportion to their weights, for shape rules that agree minus those that
+disagree (the same for text-encoder widths). A softmax over the candidates' scores, times a quality factor (the share
+of module kinds explained, how well the shapes agree, whether any shape could be checked at all), is the confidence.
+Exactly equal scores are ties; only metadata or, failing that, the prior picks among them.
 """
 
 from __future__ import annotations
