@@ -122,3 +122,39 @@ class Lora:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class MemorySource:
+    """Tensors computed in memory (by resize, merge, convert), readable like a file source."""
+
+    path = "<memory>"
+    metadata: dict = {}
+
+    def __init__(self):
+        self._tensors: dict = {}
+
+    def add(self, key: str, tensor) -> TensorRef:
+        """Keep ``tensor`` (torch) under ``key`` and return a TensorRef to it."""
+        from loratools.io.safetensors import dtype_name
+
+        t = tensor.detach().contiguous()
+        self._tensors[key] = t
+        return TensorRef(self, key, dtype_name(t.dtype), tuple(t.shape))
+
+    def keys(self):
+        return list(self._tensors)
+
+    def torch(self, key: str):
+        return self._tensors[key]
+
+    def numpy(self, key: str):
+        t = self._tensors[key]
+        return t.float().numpy() if t.dtype.is_floating_point and t.dtype.itemsize < 4 else t.numpy()
+
+    def close(self) -> None:
+        pass
+
+
+def memory_ref(tensor, key: str = "t") -> TensorRef:
+    """A TensorRef to a torch tensor that lives in memory."""
+    return MemorySource().add(key, tensor)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from loratools.errors import UnknownFamily
-from loratools.families import FAMILY_IDS, ModuleEvidence, detect_family, get_family, load_families
+from loratools.families import FAMILY_IDS, ModuleEvidence, _encoders, detect_family, get_family, load_families
 
 _HERE = Path(__file__).resolve()
 LAYOUTS = next((p for p in (_HERE.parents[1] / "fixtures" / "layouts", _HERE.parents[2] / "shared" / "lora-layouts")
@@ -110,7 +110,8 @@ def _top_ids(r) -> set[str]:
     return {r.id} | {a["id"] for a in r.alternatives if a["confidence"] == r.confidence}
 
 
-# Positional keys (unet:0:down): the module names live only in the format layer's reading of the metadata.
+# No module names to read: positional keys (unet:0:down, the targets live in the metadata) and a broken conversion
+# whose LoRA suffixes are glued to the module names.
 NO_NAMES = {"sd15__cloneofsimo__analog-svd-rank4.json", "sd15__cloneofsimo__disney-pti.json",
             "sd15__malformed__timohavdk-bad-convert.json"}
 
@@ -130,6 +131,7 @@ def test_family_ids_and_data_files():
         assert fam.modules, fid
         assert set(fam.data) <= {"id", "name", "model_component", "prior", "tells", "metadata", "modules", "forbid",
                                  "blocks", "dims", "text_encoders", "variants"}, fid
+        assert all(e in _encoders().by_id for ids in fam.text_encoders.values() for e in ids), fid
     assert len({f.prior for f in families.values()}) > 1
 
 

@@ -319,7 +319,7 @@ def detect_family(modules: Sequence[ModuleEvidence], metadata: Mapping[str, str]
         reason = f"only text-encoder modules, which fit {', '.join(e.fam.id for e in tied)} alike"
     if reason:
         alts = [{"id": e.fam.id, "confidence": round(min(e.p * e.quality, 0.5), 3),
-                 "why": "; ".join(_problems(e)[:1] + _evidence(e)[:1])} for e in evals[:5]]
+                 "why": "; ".join(_problems(e)[:1] + _evidence(e)[:1])} for e in evals[:max(5, len(tied))]]
         return FamilyResult("unknown", reason=reason, alternatives=alts, metadata_claims=claims)
 
     evidence, mismatches = _evidence(winner), _problems(winner)

@@ -133,8 +133,11 @@ def prefixes(pattern: str, k: int = 3) -> tuple[str, ...] | None:
 
 
 def _first_rule(rules: Sequence[Rule], name: str) -> int:
-    return next((k for k, r in enumerate(rules) if (r.first is None or name.startswith(r.first)) and r.rx.search(name)),
-                -1)
+    """Index of the first rule that matches the name, or -1."""
+    for k, r in enumerate(rules):
+        if (r.first is None or name.startswith(r.first)) and r.rx.search(name):
+            return k
+    return -1
 
 
 def _dim(v) -> int | None:
@@ -232,8 +235,8 @@ def text_encoder_stats(ctx: Context, encoders: Encoders) -> dict:
     """For every text-encoder slot and encoder: the names it has, how many widths were checked, what failed."""
     stats = {}
     for slot, names in ctx.te.items():
-        widths = {n: [(d, i == 0) for i, (d, rx) in enumerate(zip(dims, (encoders.width_in, encoders.width_out)))
-                      if d is not None and rx.search(n)] for n, dims in names.items()}
+        rules = (encoders.width_in, encoders.width_out)  # which of in/out features is the encoder's width
+        widths = {n: [d for d, rx in zip(dims, rules) if d is not None and rx.search(n)] for n, dims in names.items()}
         by_pattern: dict[str, dict[str, int | None]] = {}
         for enc in encoders.by_id.values():
             matched = by_pattern.get(enc.rx.pattern)
@@ -246,7 +249,7 @@ def text_encoder_stats(ctx: Context, encoders: Encoders) -> dict:
             for n, layer in matched.items():
                 if layer is not None and layer >= enc.layers:
                     bad.append(f"layer {layer}, but {enc.name} has {enc.layers}")
-                for dim, _ in widths[n]:
+                for dim in widths[n]:
                     checked += 1
                     if dim != enc.width:
                         bad.append(f"width {dim}, but {enc.name} is {enc.width} wide")
@@ -258,7 +261,7 @@ class Evaluation:
     """One family scored against one file."""
 
     def __init__(self, fam: Family, ctx: Context, te_stats: Mapping, encoders: Encoders):
-        self.fam, self.ctx, self.p = fam, ctx, 0.0
+        self.fam, self.p = fam, 0.0
         self.groups = ctx.cache.get(fam.module_rx.pattern) if fam.module_rx is not None else {}
         if self.groups is None:  # the names the family has, by group (families with the same rules share it)
             self.groups = ctx.cache[fam.module_rx.pattern] = {}

@@ -523,3 +523,12 @@ def _fsync_folder(folder: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def dtype_name(torch_dtype) -> str:
+    """The safetensors dtype name of a torch dtype (``torch.float16`` -> ``"F16"``)."""
+    attr = str(torch_dtype).removeprefix("torch.")
+    for name, torch_attr in TORCH_DTYPES.items():
+        if torch_attr == attr:
+            return name
+    raise ValueError(f"no safetensors dtype for {torch_dtype}")

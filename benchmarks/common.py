@@ -1,0 +1,79 @@
+"""Shared pieces of the benchmarks: realistic synthetic inputs and measuring child processes."""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from loratools.io.safetensors import write_safetensors  # noqa: E402
+
+KEYSPACE = ROOT / "fixtures" / "layouts" / "sdxl__kohya_keyspace__sdmecha.json"
+# The modules sd-scripts' networks.lora trains on SDXL: transformer linears and both text encoders.
+_TRAINED = re.compile(r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|proj_in|proj_out|ff\.net\.(0\.proj|2)"
+                      r"|self_attn\.(q|k|v|out)_proj|mlp\.fc[12])$")
+_PREFIX = {"unet": "lora_unet_", "te1": "lora_te1_", "te2": "lora_te2_"}
+
+
+def sdxl_kohya_modules() -> list[tuple[str, list[int]]]:
+    """(kohya stem, base weight shape) for the 986 modules of an SDXL kohya LoRA (real SGM layout)."""
+    tensors = json.loads(KEYSPACE.read_text())["tensors"]
+    out = []
+    for key, t in tensors.items():
+        head, _, path = key.partition(".")
+        if head in _PREFIX and key.endswith(".weight") and _TRAINED.search(path[: -len(".weight")]):
+            out.append((_PREFIX[head] + path[: -len(".weight")].replace(".", "_"), t["shape"]))
+    return out
+
+
+def write_sdxl_kohya(path: Path, rank: int = 128, dtype: str = "F16", seed: int = 0, alpha: float | None = None,
+                     modules: list | None = None) -> Path:
+    """An SDXL-shaped kohya LoRA (random factors), written one tensor at a time."""
+    rng = np.random.default_rng(seed)
+    np_dtype = {"F16": np.float16, "F32": np.float32}[dtype]
+    items = []
+    for stem, shape in modules or sdxl_kohya_modules():
+        out_f, in_f = shape[0], int(np.prod(shape[1:]))
+        r = min(rank, out_f, in_f)
+        down_shape = [r, *shape[1:]]
+        up_shape = [out_f, r] + [1] * (len(shape) - 2)
+
+        def make(s=tuple(down_shape), scale=1 / np.sqrt(in_f)):
+            return (rng.standard_normal(s, dtype=np.float32) * scale).astype(np_dtype)
+
+        def make_up(s=tuple(up_shape), scale=1 / np.sqrt(r)):
+            return (rng.standard_normal(s, dtype=np.float32) * scale * 0.1).astype(np_dtype)
+
+        items += [(f"{stem}.lora_down.weight", dtype, down_shape, make),
+                  (f"{stem}.lora_up.weight", dtype, up_shape, make_up),
+                  (f"{stem}.alpha", dtype, [], np.array(alpha if alpha is not None else r / 2, dtype=np_dtype))]
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_base_model_version": "sdxl_base_v1-0"}
+    write_safetensors(path, items, meta, overwrite=True)
+    return path
+
+
+def timed(cmd: list[str], repeat: int = 1) -> tuple[float, float]:
+    """Best wall time (s) and peak RSS (MB) of a child process."""
+    best, rss = float("inf"), 0.0
+    for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t)
+        rss = max(rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1024
+    return best, rss
+
+
+def table(rows: list[list], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
