@@ -6,6 +6,7 @@ Tensors stay in their file (a :class:`TensorRef` into the mmap'd source) until a
 
 from __future__ import annotations
 
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,8 +39,19 @@ class TensorRef:
         return self.source.torch(self.key)
 
     def scalar(self) -> float:
-        """The value of a 0-d or one-element tensor (kohya `.alpha`), read without torch."""
+        """The value of a 0-d or one-element tensor (kohya `.alpha`), read without torch or numpy."""
+        fmt = _SCALAR_FORMATS.get(self.dtype)
+        raw = getattr(self.source, "raw", None)
+        if fmt is not None and raw is not None and self.numel >= 1:
+            data = bytes(raw(self.key)[: struct.calcsize(fmt)])
+            if self.dtype == "BF16":  # the top half of a float32
+                return struct.unpack("<f", b"\0\0" + data)[0]
+            return float(struct.unpack(fmt, data)[0])
         return float(self.numpy().reshape(-1)[0])
+
+
+_SCALAR_FORMATS = {"F16": "<e", "F32": "<f", "F64": "<d", "BF16": "<2s", "I64": "<q", "I32": "<i", "I16": "<h",
+                   "I8": "<b", "U8": "<B", "BOOL": "<?"}
 
 
 @dataclass

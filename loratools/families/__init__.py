@@ -8,6 +8,7 @@ keys cannot break; it never overrides them. When the evidence is not enough the 
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
 import re
@@ -63,14 +64,22 @@ def _ints(v) -> tuple[int, ...] | None:
 
 
 class Rule:
-    __slots__ = ("source", "pattern", "rx", "says", "first")  # first: prefixes of the names it can match
+    __slots__ = ("source", "pattern", "_rx", "says", "first")  # first: prefixes of the names it can match
 
     def __init__(self, spec: Mapping):
         self.source = spec["pattern"]
         self.pattern = to_regex(self.source)
-        self.rx = re.compile(self.pattern)
+        self._rx = None
         self.says = spec.get("says") or spec["pattern"]
         self.first = prefixes(self.pattern)
+
+    @property
+    def rx(self) -> re.Pattern:
+        # compiled on first use: most rules of most families never see a name they could match, and
+        # compiling every pattern up front would cost more than inspecting a file
+        if self._rx is None:
+            self._rx = re.compile(self.pattern)
+        return self._rx
 
 
 class BlockRule(Rule):
@@ -128,12 +137,19 @@ class Family:
         # one regex for "does the family have this module", with a named group per rule (for the evidence);
         # a second one for a whole group of names at once, with the block index written as '#'
         anchored = [r.pattern if r.pattern.startswith("^") else f".*?(?:{r.pattern})" for r in self.modules]
-        self.module_rx = re.compile("|".join(f"(?P<m{k}>{p})" for k, p in enumerate(anchored))) if anchored else None
+        self.module_source = "|".join(f"(?P<m{k}>{p})" for k, p in enumerate(anchored)) if anchored else None
         keyed = [k for r in self.modules if (k := group_regex(r.source))]
-        self.key_rx = re.compile("|".join(f"(?:{p if p.startswith('^') else '.*?' + p})" for p in keyed)) \
-            if keyed else None
+        self._key_src = "|".join(f"(?:{p if p.startswith('^') else '.*?' + p})" for p in keyed) if keyed else None
         firsts = [r.first for r in self.modules]
         self.module_first = None if any(f is None for f in firsts) else tuple(sorted({p for f in firsts for p in f}))
+
+    @functools.cached_property
+    def module_rx(self) -> re.Pattern | None:
+        return re.compile(self.module_source) if self.module_source else None
+
+    @functools.cached_property
+    def key_rx(self) -> re.Pattern | None:
+        return re.compile(self._key_src) if self._key_src else None
 
     def claims(self, key: str, value: str) -> bool:
         return any(p.search(value) for p in self.metadata.get(key, ()))

@@ -262,11 +262,14 @@ class Evaluation:
 
     def __init__(self, fam: Family, ctx: Context, te_stats: Mapping, encoders: Encoders):
         self.fam, self.p = fam, 0.0
-        self.groups = ctx.cache.get(fam.module_rx.pattern) if fam.module_rx is not None else {}
+        src = fam.module_source
+        self.groups = ctx.cache.get(src) if src is not None else {}
         if self.groups is None:  # the names the family has, by group (families with the same rules share it)
-            self.groups = ctx.cache[fam.module_rx.pattern] = {}
-            match, key_match = fam.module_rx.match, fam.key_rx.match if fam.key_rx else None
-            for key in ctx.keys(fam.module_first):
+            self.groups = ctx.cache[src] = {}
+            keys = ctx.keys(fam.module_first)  # no name with the family's prefixes: nothing to compile
+            match = fam.module_rx.match if keys else None
+            key_match = fam.key_rx.match if keys and fam.key_rx else None
+            for key in keys:
                 names = ctx.groups[key]
                 if len(names) > 1 and key_match and key_match(key):
                     self.groups[key] = names

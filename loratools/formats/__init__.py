@@ -54,8 +54,10 @@ def read_modules(tensors: dict[str, TensorRef], metadata: dict[str, str], path: 
             extras["embeddings"].append(key)
             continue
         kp = parse_key(key)
-        sp = split_stem(kp.stem)
-        st = stems.setdefault(kp.stem, _Stem(sp.component, sp.name, sp.naming))
+        st = stems.get(kp.stem)
+        if st is None:
+            sp = split_stem(kp.stem)
+            st = stems[kp.stem] = _Stem(sp.component, sp.name, sp.naming)
         if kp.role in st.roles:
             st.duplicates.append(key)
             continue

@@ -17,8 +17,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
-
 from loratools.errors import HeaderError, LoraToolsError
 
 MAX_HEADER_SIZE = 100_000_000  # the limit the reference library enforces
@@ -29,11 +27,6 @@ DTYPE_SIZES: dict[str, int] = {
     "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8,
 }  # fmt: skip
-
-# Dtypes numpy can view in place; the file is little-endian whatever the host is.
-_NUMPY_DTYPES = {name: np.dtype(code) for name, code in [
-    ("BOOL", "?"), ("U8", "u1"), ("I8", "i1"), ("I16", "<i2"), ("U16", "<u2"), ("F16", "<f2"), ("I32", "<i4"),
-    ("U32", "<u4"), ("F32", "<f4"), ("I64", "<i8"), ("U64", "<u8"), ("F64", "<f8")]}  # fmt: skip
 
 # safetensors dtype -> name of the torch dtype attribute
 TORCH_DTYPES = {
@@ -50,51 +43,16 @@ def quote_name(text: str) -> str:
     return f"'{text[:200]}…'" if len(text) > 200 else f"'{text}'"
 
 
-# --- dtype conversions (numpy has no bfloat16 or float8) -------------------------------------------------------
+# numpy is imported only when tensor values are needed: reading a header must stay fast.
+_ARRAY_HELPERS = ("bf16_bits_to_float32", "float32_to_bf16_bits", "numpy_to_bf16_bytes")
 
 
-def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 is the top half of a float32, so widening is a shift."""
-    return (np.asarray(bits, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+def __getattr__(name: str):
+    if name in _ARRAY_HELPERS:
+        from loratools.io import arrays
 
-
-def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
-    """Round float32 to bfloat16 bits (uint16), to nearest with ties to even; NaN stays NaN."""
-    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    nan = np.isnan(np.asarray(values, dtype=np.float32))
-    return np.where(nan, ((u >> 16) | 0x0040).astype(np.uint16), rounded)
-
-
-def numpy_to_bf16_bytes(values: np.ndarray) -> bytes:
-    """Little-endian bfloat16 bytes of ``values`` (any float dtype)."""
-    return float32_to_bf16_bits(values).astype("<u2").tobytes()
-
-
-def _f8_table(exp_bits: int, man_bits: int, finite_max: bool) -> np.ndarray:
-    """float32 value of each of the 256 codes of a sign/exponent/mantissa float8 format."""
-    codes = np.arange(256, dtype=np.int64)
-    sign = np.where(codes >> 7, -1.0, 1.0)
-    exp = (codes >> man_bits) & ((1 << exp_bits) - 1)
-    man = codes & ((1 << man_bits) - 1)
-    bias = (1 << (exp_bits - 1)) - 1
-    frac = man / (1 << man_bits)
-    values = np.where(exp == 0, frac * 2.0 ** (1 - bias), (1 + frac) * 2.0 ** (exp - bias)) * sign
-    top = exp == (1 << exp_bits) - 1
-    if finite_max:  # e4m3fn: no infinities, only the all-ones code is NaN
-        values[top & (man == (1 << man_bits) - 1)] = np.nan
-    else:  # e5m2 follows IEEE
-        values[top & (man == 0)] = sign[top & (man == 0)] * np.inf
-        values[top & (man != 0)] = np.nan
-    return values.astype(np.float32)
-
-
-_F8_TABLES = {
-    "F8_E4M3": _f8_table(4, 3, finite_max=True),
-    "F8_E5M2": _f8_table(5, 2, finite_max=False),
-    # e8m0 is an exponent only: 2**(code-127), 0xFF is NaN
-    "F8_E8M0": np.append(np.ldexp(np.float32(1), np.arange(-127, 128)), np.float32(np.nan)).astype(np.float32),
-}
+        return getattr(arrays, name)
+    raise AttributeError(name)
 
 
 # --- header ----------------------------------------------------------------------------------------------------
@@ -183,8 +141,10 @@ def _parse_json(raw: bytes, path: str) -> dict[str, Any]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise HeaderError(f"header is not valid utf-8 (byte {e.start})", path) from None
+    # JSON "-0" must not pass as an integer; the hook that catches it costs time, so only when it can occur
+    parse_int = _parse_int if "-0" in text else None
     try:
-        obj = json.loads(text, object_pairs_hook=unique, parse_int=_parse_int)
+        obj = json.loads(text, object_pairs_hook=unique, parse_int=parse_int)
     except json.JSONDecodeError as e:
         raise HeaderError(f"header is not valid json (line {e.lineno}, column {e.colno})", path) from None
     except (ValueError, RecursionError, MemoryError):  # huge integers, deep nesting
@@ -248,6 +208,23 @@ def _numel_capped(shape: list[int], cap: int) -> int:
 
 
 def _parse_tensor(name: str, entry: object, data_size: int, path: str) -> TensorInfo:
+    if isinstance(entry, dict) and entry.keys() == _FIELDS:  # the common, valid case, checked cheaply
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        size = DTYPE_SIZES.get(dtype) if isinstance(dtype, str) else None
+        if (size and type(shape) is list and type(offsets) is list and len(offsets) == 2
+                and all(type(d) is int and 0 <= d < 2**64 for d in shape)
+                and type(offsets[0]) is int and type(offsets[1]) is int
+                and 0 <= offsets[0] <= offsets[1] <= data_size and (name.isascii() or _is_text(name))):
+            numel = _numel_capped(shape, _NUMEL_CAP)
+            if numel * size == offsets[1] - offsets[0]:
+                return TensorInfo(name, dtype, tuple(shape), offsets[0], offsets[1])
+    return _parse_tensor_slow(name, entry, data_size, path)
+
+
+_FIELDS = {"dtype", "shape", "data_offsets"}
+
+
+def _parse_tensor_slow(name: str, entry: object, data_size: int, path: str) -> TensorInfo:
     where = f"tensor {quote_name(name)}"
     if not _is_text(name):
         raise HeaderError("header has a tensor name that is not valid text", path)
@@ -365,15 +342,12 @@ class SafetensorsFile:
         start = self.header.data_start
         return memoryview(self._mapped())[start + info.begin : start + info.end]
 
-    def numpy(self, name: str) -> np.ndarray:
+    def numpy(self, name: str):
         """The tensor as numpy: a read-only view when numpy has the dtype, float32 for bfloat16 and float8."""
+        from loratools.io.arrays import from_bytes
+
         info = self.info(name)
-        raw = self.raw(name)
-        if info.dtype in _NUMPY_DTYPES:
-            return np.frombuffer(raw, dtype=_NUMPY_DTYPES[info.dtype]).reshape(info.shape)
-        if info.dtype == "BF16":
-            return bf16_bits_to_float32(np.frombuffer(raw, dtype="<u2")).reshape(info.shape)
-        return _F8_TABLES[info.dtype][np.frombuffer(raw, dtype=np.uint8)].reshape(info.shape)
+        return from_bytes(self.raw(name), info.dtype, info.shape)
 
     def torch(self, name: str) -> Any:
         """The tensor as a torch tensor in its own dtype, copied so it outlives the file."""
@@ -446,12 +420,15 @@ def _tensor_bytes(info: TensorInfo, data: Data, path: str) -> memoryview:
         import torch
 
         data = data.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
-    if isinstance(data, np.ndarray):  # safetensors is little-endian
-        data = np.ascontiguousarray(data.astype(data.dtype.newbyteorder("<"), copy=False)).reshape(-1).view(np.uint8)
-    if not isinstance(data, (bytes, bytearray, memoryview, np.ndarray)):
+    is_array = type(data).__module__ == "numpy"
+    if is_array:  # safetensors is little-endian
+        from loratools.io.arrays import little_endian_bytes
+
+        data = little_endian_bytes(data)
+    if not isinstance(data, (bytes, bytearray, memoryview)) and not is_array:
         kind = type(data).__name__
         raise LoraToolsError(f"cannot write tensor {quote_name(info.name)}: unsupported data {kind}", path)
-    view = memoryview(data).cast("B") if not isinstance(data, np.ndarray) else memoryview(data)
+    view = memoryview(data) if is_array else memoryview(data).cast("B")
     if view.nbytes != info.nbytes:
         raise LoraToolsError(
             f"cannot write tensor {quote_name(info.name)}: got {view.nbytes} bytes, "

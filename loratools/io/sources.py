@@ -8,13 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loratools.errors import FormatError, LoraToolsError
-from loratools.io.pickled import is_pickle_path, load_pickled
 from loratools.io.safetensors import SafetensorsFile
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 DIFFUSERS_WEIGHTS = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
-LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 @dataclass
@@ -39,7 +38,9 @@ def open_lora(path: str | os.PathLike, allow_pickle: bool = False) -> Opened:
         return _open_folder(p, allow_pickle)
     if not p.exists():
         raise LoraToolsError("no such file or folder", p)
-    if is_pickle_path(p) or (p.suffix != ".safetensors" and p.is_file() and _looks_pickled(str(p))):
+    if p.suffix in PICKLE_SUFFIXES or (p.suffix != ".safetensors" and p.is_file() and _looks_pickled(str(p))):
+        from loratools.io.pickled import load_pickled  # numpy/torch only for pickles
+
         src = load_pickled(p, allow_pickle)
         return Opened(str(p), str(p), src, None, p.stat().st_size)
     src = SafetensorsFile(p)

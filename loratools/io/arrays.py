@@ -1,0 +1,77 @@
+"""numpy views of safetensors data, and the bfloat16/float8 conversions numpy lacks.
+
+Kept apart from the header reader so that reading headers never imports numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Dtypes numpy can view in place; the file is little-endian whatever the host is.
+_NUMPY_DTYPES = {name: np.dtype(code) for name, code in [
+    ("BOOL", "?"), ("U8", "u1"), ("I8", "i1"), ("I16", "<i2"), ("U16", "<u2"), ("F16", "<f2"), ("I32", "<i4"),
+    ("U32", "<u4"), ("F32", "<f4"), ("I64", "<i8"), ("U64", "<u8"), ("F64", "<f8")]}  # fmt: skip
+
+
+# --- dtype conversions (numpy has no bfloat16 or float8) -------------------------------------------------------
+
+
+def bf16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 is the top half of a float32, so widening is a shift."""
+    return (np.asarray(bits, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+
+
+def float32_to_bf16_bits(values: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 bits (uint16), to nearest with ties to even; NaN stays NaN."""
+    u = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(np.asarray(values, dtype=np.float32))
+    return np.where(nan, ((u >> 16) | 0x0040).astype(np.uint16), rounded)
+
+
+def numpy_to_bf16_bytes(values: np.ndarray) -> bytes:
+    """Little-endian bfloat16 bytes of ``values`` (any float dtype)."""
+    return float32_to_bf16_bits(values).astype("<u2").tobytes()
+
+
+def _f8_table(exp_bits: int, man_bits: int, finite_max: bool) -> np.ndarray:
+    """float32 value of each of the 256 codes of a sign/exponent/mantissa float8 format."""
+    codes = np.arange(256, dtype=np.int64)
+    sign = np.where(codes >> 7, -1.0, 1.0)
+    exp = (codes >> man_bits) & ((1 << exp_bits) - 1)
+    man = codes & ((1 << man_bits) - 1)
+    bias = (1 << (exp_bits - 1)) - 1
+    frac = man / (1 << man_bits)
+    values = np.where(exp == 0, frac * 2.0 ** (1 - bias), (1 + frac) * 2.0 ** (exp - bias)) * sign
+    top = exp == (1 << exp_bits) - 1
+    if finite_max:  # e4m3fn: no infinities, only the all-ones code is NaN
+        values[top & (man == (1 << man_bits) - 1)] = np.nan
+    else:  # e5m2 follows IEEE
+        values[top & (man == 0)] = sign[top & (man == 0)] * np.inf
+        values[top & (man != 0)] = np.nan
+    return values.astype(np.float32)
+
+
+_F8_TABLES = {
+    "F8_E4M3": _f8_table(4, 3, finite_max=True),
+    "F8_E5M2": _f8_table(5, 2, finite_max=False),
+    # e8m0 is an exponent only: 2**(code-127), 0xFF is NaN
+    "F8_E8M0": np.append(np.ldexp(np.float32(1), np.arange(-127, 128)), np.float32(np.nan)).astype(np.float32),
+}
+
+
+
+
+def from_bytes(raw, dtype: str, shape) -> np.ndarray:
+    """A tensor's bytes as numpy: a read-only view where numpy has the dtype, else float32 values."""
+    if dtype in _NUMPY_DTYPES:
+        return np.frombuffer(raw, dtype=_NUMPY_DTYPES[dtype]).reshape(shape)
+    if dtype == "BF16":
+        return bf16_bits_to_float32(np.frombuffer(raw, dtype="<u2")).reshape(shape)
+    return _F8_TABLES[dtype][np.frombuffer(raw, dtype=np.uint8)].reshape(shape)
+
+
+def little_endian_bytes(array: np.ndarray) -> np.ndarray:
+    """A flat uint8 view of ``array`` in little-endian byte order (copied only when needed)."""
+    le = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    return np.ascontiguousarray(le).reshape(-1).view(np.uint8)
