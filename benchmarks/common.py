@@ -67,7 +67,7 @@ def timed(cmd: list[str], repeat: int = 1) -> tuple[float, float]:
     for _ in range(repeat):
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
         best = min(best, time.perf_counter() - t)
         rss = max(rss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, before) / 1024
     return best, rss

@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from loratools.api import inspect, load  # noqa: E402
+from loratools.api import convert, inspect, load, verify  # noqa: E402
 
-__all__ = ["load", "inspect", "__version__"]
+__all__ = ["load", "inspect", "convert", "verify", "__version__"]

@@ -11,7 +11,7 @@ from loratools.formats.peft_config import AdapterConfig
 from loratools.io.sources import open_lora
 from loratools.model import Lora, TensorRef
 
-__all__ = ["load", "inspect"]
+__all__ = ["load", "inspect", "convert", "verify"]
 
 
 def load(path: str | os.PathLike, allow_pickle: bool = False, family: str | None = None) -> Lora:
@@ -102,3 +102,48 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, stats: bool = Fals
 
 def _counter(values) -> dict:
     return dict(Counter(values).most_common())
+
+
+def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None = None, *, family: str | None = None,
+            dtype: str | None = None, overwrite: bool = False, allow_pickle: bool = False, many: bool = False):
+    """Rewrite one LoRA in another naming (``kohya``, ``diffusers``, ``peft``, ``comfy``) with the same effect.
+
+    Returns a ``ConvertResult``; nothing is written when it raises. ``output`` follows the CLI's ``-o``
+    rules (a folder when it exists or ends with '/'; a PEFT target is always a folder).
+
+    Example:
+        >>> r = loratools.convert("style.safetensors", to="diffusers")
+        >>> r.output
+        'style.diffusers.safetensors'
+    """
+    from loratools.ops.convert import convert_lora, output_path
+
+    dest = output_path(str(path), to, None if output is None else str(output), many)
+    with load(path, allow_pickle=allow_pickle, family=family) as lora:
+        return convert_lora(lora, to, dest, family=family, dtype=_dtype(dtype), overwrite=overwrite)
+
+
+def verify(a: str | os.PathLike, b: str | os.PathLike, *, rtol: float = 1e-5, family: str | None = None,
+           allow_pickle: bool = False):
+    """Compare the effective ΔW of every adapted weight in two LoRA files of any formats.
+
+    Example:
+        >>> loratools.verify("style.safetensors", "style.diffusers.safetensors").equal
+        True
+    """
+    from loratools.ops.verify import verify as _verify
+
+    with load(a, allow_pickle=allow_pickle, family=family) as la, load(b, allow_pickle=allow_pickle) as lb:
+        return _verify(la, lb, rtol=rtol, family=family)
+
+
+_DTYPES = {"keep": None, None: None, "fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16",
+           "fp32": "F32", "float32": "F32"}
+
+
+def _dtype(name: str | None) -> str | None:
+    from loratools.errors import UsageError
+
+    if name not in _DTYPES:
+        raise UsageError(f"unknown dtype '{name}' (keep, fp16, bf16, fp32)")
+    return _DTYPES[name]

@@ -80,6 +80,12 @@ def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_
         sys.exit(2 if failed == len(files) else 1)
 
 
+from loratools.cli_convert import convert, verify  # noqa: E402
+
+cli.add_command(convert)
+cli.add_command(verify)
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)

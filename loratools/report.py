@@ -161,3 +161,36 @@ def _print_stats_summary(stats: dict, c: Console) -> None:
     for r in stats["modules"]:
         if "nan_or_inf" in r["flags"] or "all_zero" in r["flags"]:
             c.print(Text(f"  {r['name']}: {', '.join(r['flags'])}", style="yellow"))
+
+
+def print_convert(results: list[dict], console: Console | None = None) -> None:
+    c = console or _console
+    t = Table(title="convert", title_justify="left")
+    for col in ("input", "family", "from", "to", "modules", "output", "s"):
+        t.add_column(col, justify="right" if col in ("modules", "s") else "left", overflow="fold")
+    for r in results:
+        if r["ok"]:
+            t.add_row(r["path"], r["family"], r["source_format"], r["target"],
+                      f"{r['modules_in']} -> {r['modules_out']}", r["output"], f"{r['seconds']:.2f}")
+        else:
+            t.add_row(r["path"], "", "", "", "", Text(f"failed: {r['error']}", style="red"), "")
+    c.print(t)
+    failed = sum(1 for r in results if not r["ok"])
+    c.print(f"{len(results) - failed} converted, {failed} failed")
+
+
+def print_verify(r: dict, console: Console | None = None) -> None:
+    c = console or _console
+    worst = sorted(r["modules"], key=lambda m: -m["rel_error"])[:10]
+    t = Table(title=f"verify ({r['family']}): {r['compared']} modules compared", title_justify="left")
+    t.add_column("module")
+    t.add_column("relative error", justify="right")
+    for m in worst:
+        t.add_row(m["target"], f"{m['rel_error']:.3g}")
+    c.print(t)
+    for side, key in (("A", "only_in_a"), ("B", "only_in_b")):
+        if r[key]:
+            c.print(Text(f"{len(r[key])} modules only in {side}: " + ", ".join(r[key][:10]), style="yellow"))
+    verdict = "EQUAL" if r["equal"] else "DIFFERENT"
+    c.print(Text(f"{verdict}: max relative error {r['max_rel_error']:.3g} (rtol {r['rtol']:g})",
+                 style="bold green" if r["equal"] else "bold red"))

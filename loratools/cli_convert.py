@@ -1,0 +1,125 @@
+"""`loratools convert` and `loratools verify` (registered on the main group by cli.py)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+
+import click
+
+from loratools.errors import LoraToolsError
+
+FORMATS = click.Choice(["kohya", "diffusers", "peft", "comfy"])
+
+
+def _one(args: tuple) -> dict:
+    """Convert one path (runs in a worker process with --jobs)."""
+    from loratools import api
+
+    path, to, output, family, dtype, overwrite, allow_pickle, many = args
+    try:
+        r = api.convert(path, to, output, family=family, dtype=dtype, overwrite=overwrite,
+                        allow_pickle=allow_pickle, many=many)
+        return {"ok": True, **asdict(r)}
+    except LoraToolsError as exc:
+        return {"ok": False, "path": path, "error": exc.message}
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--to", "to", required=True, type=FORMATS, help="Target naming.")
+@click.option("-o", "--output", default=None, help="Output file, or folder (existing, ending in '/', or with several inputs).")
+@click.option("--family", default=None, help="Family id to assume instead of detecting it.")
+@click.option("--dtype", default="keep", type=click.Choice(["keep", "fp16", "bf16", "fp32"]), show_default=True,
+              help="Storage dtype of the written factors.")
+@click.option("--jobs", "-j", default=1, show_default=True, help="Worker processes for many files.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise they are refused).")
+@click.option("--allow-pickle", is_flag=True, help="Load .ckpt/.pt/.bin with torch.load(weights_only=True).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@click.pass_context
+def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle, as_json) -> None:
+    """Rewrite LoRAs between kohya, diffusers, PEFT and comfy naming with the same numerical effect.
+
+    PATHS are files, PEFT folders, globs expanded by the shell, or folders (searched recursively).
+    Outputs keep the input's stem and name the target (x.safetensors -> x.diffusers.safetensors; a PEFT
+    target is a folder with one adapter per component). One bad file does not stop the batch: the exit
+    code is 1 at the end, with the list of failures.
+
+    Example:
+
+        loratools convert my_lora.safetensors --to diffusers
+
+        loratools convert loras/ --to comfy -o converted/ --jobs 2
+    """
+    from loratools.io.sources import expand_paths
+
+    files = expand_paths(paths)
+    many = len(files) > 1
+    work = [(f, to, output, family, dtype, overwrite, allow_pickle, many) for f in files]
+    results = _run(work, jobs, show=not as_json and sys.stderr.isatty())
+    failed = [r for r in results if not r["ok"]]
+    for r in failed:
+        click.echo(f"loratools: error: {r['path']}: {r['error']}", err=True)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+    else:
+        from loratools import report
+
+        report.print_convert(results)
+    if failed:
+        sys.exit(2 if len(failed) == len(results) else 1)
+
+
+def _run(work: list[tuple], jobs: int, show: bool) -> list[dict]:
+    from rich.progress import Progress
+
+    results: list[dict] = []
+    with Progress(transient=True, disable=not show, console=_stderr()) as bar:
+        task = bar.add_task("converting", total=len(work))
+        if jobs > 1 and len(work) > 1:
+            with ProcessPoolExecutor(max_workers=jobs) as pool:
+                for r in pool.map(_one, work):
+                    results.append(r)
+                    bar.advance(task)
+        else:
+            for w in work:
+                results.append(_one(w))
+                bar.advance(task)
+    return results
+
+
+def _stderr():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+@click.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("--rtol", default=1e-5, show_default=True, help="Largest relative error per module that counts as equal.")
+@click.option("--family", default=None, help="Family id to assume instead of detecting it.")
+@click.option("--allow-pickle", is_flag=True, help="Load .ckpt/.pt/.bin with torch.load(weights_only=True).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+def verify(a, b, rtol, family, allow_pickle, as_json) -> None:
+    """Check that two LoRA files (any formats) have the same effect on every adapted weight.
+
+    Compares ΔW = s·B·A module by module in factor space and reports the largest relative error, and the
+    modules present in only one file. Exit 0 when equal within --rtol, 1 when they differ.
+
+    Example:
+
+        loratools verify my_lora.safetensors my_lora.diffusers.safetensors
+    """
+    from loratools import api
+
+    r = api.verify(a, b, rtol=rtol, family=family, allow_pickle=allow_pickle)
+    if as_json:
+        click.echo(json.dumps(asdict(r), indent=2))
+    else:
+        from loratools import report
+
+        report.print_verify(asdict(r))
+    sys.exit(0 if r.equal else 1)

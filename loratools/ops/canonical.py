@@ -1,0 +1,238 @@
+"""Bringing a LoRA to canonical identities, and re-planning its modules for another naming.
+
+``canonicalize`` looks every module up in the family's naming table. ``plan`` turns canonical modules
+into output modules for a target naming: 1:1 renames, splitting a fused native weight into its diffusers
+parts (copy A, slice B's rows), or fusing parts into the native weight (A stacked along rank, B
+block-diagonal, each part's scale folded into its block) — all exact.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from loratools.errors import FormatError, UsageError
+from loratools.families.naming import DIFFUSERS, NATIVE, Canon, NamingTable, Part
+from loratools.model import Lora, Module
+
+FLAT_FORMATS = ("kohya", "lycoris", "onetrainer")
+MODEL_COMPONENTS = ("unet", "transformer", "model")
+
+
+@dataclass
+class OutModule:
+    """One LoRA module to write: factors computed on demand (float32 torch), ΔW = scale · up @ down."""
+
+    space: str
+    native: str
+    name: str  # dotted module path in the target naming
+    factors: Callable[[], tuple]  # -> (up, down, mid or None)
+    rank: int
+    scale: float
+    dtype: str
+    magnitude: Callable | None = None  # DoRA magnitude, row-wise [out] or column-wise [1, in]
+    dora_axis: str | None = None
+    bias: Callable | None = None  # absolute bias delta [out]
+    sources: list[str] = field(default_factory=list)
+    shapes: tuple | None = None  # (up, down, mid or None) shapes, known before any tensor is read
+
+
+def _spaces(lora: Lora, table: NamingTable) -> dict[str, str]:
+    """Component -> naming space: 'model' or the encoder kind of each text-encoder component."""
+    fmt = "kohya" if lora.format == "lycoris" else lora.format
+    kinds = table.encoder_kinds(fmt, ((m.component, m.name, m.adapter.in_dim) for m in lora.modules))
+    return {**kinds, **{c: "model" for c in MODEL_COMPONENTS}}
+
+
+def canonicalize(lora: Lora, table: NamingTable, lora_only: bool = True) -> list[tuple[Module, Canon]]:
+    """Each module with its canonical identity; FormatError listing the modules the table lacks."""
+    bad_types = sorted({m.adapter.label for m in lora.modules if m.adapter.kind != "lora"})
+    if bad_types and lora_only:
+        raise FormatError(f"cannot convert {', '.join(bad_types)} modules exactly to LoRA; only LoRA/LoCon "
+                          "files convert (a lossy SVD path comes with resize/merge)", lora.path)
+    flat = lora.format in FLAT_FORMATS
+    spaces = _spaces(lora, table)
+    out, unmatched, seen = [], [], {}
+    for m in lora.modules:
+        space = spaces.get(m.component)
+        canon = table.resolve(space, m.name, flat) if space else None
+        if canon is None:
+            unmatched.append(f"{m.component}:{m.name}")
+            continue
+        key = (canon.space, canon.native, canon.part)
+        if key in seen:
+            raise FormatError(f"modules '{seen[key]}' and '{m.name}' both adapt {canon.native}"
+                              + (f" part {canon.part.index}" if canon.part else "") + " (conflicting keys)",
+                              lora.path)
+        seen[key] = m.name
+        m.target, m.slice = f"{canon.space}:{canon.native}", canon.part
+        out.append((m, canon))
+    if unmatched:
+        shown = ", ".join(unmatched[:20]) + (f" and {len(unmatched) - 20} more" if len(unmatched) > 20 else "")
+        raise FormatError(f"{len(unmatched)} modules are not in the {table.family} tables: {shown} — is the "
+                          f"family right? (detected {lora.family.id if lora.family else '?'}; --family overrides)",
+                          lora.path)
+    return out
+
+
+def _factors(m: Module):
+    import torch
+
+    a = m.adapter
+    up, down = a.up.torch().float(), a.down.torch().float()
+    mid = a.t("lora_mid").torch().float() if a.has("lora_mid") else None
+    return up, down, mid
+
+
+def _swap(up):
+    import torch
+
+    half = up.shape[0] // 2
+    return torch.cat([up[half:], up[:half]])
+
+
+def _needs_swap(rule, canon_naming: str, target_naming: str, out_dim: int, in_dim: int) -> bool:
+    if rule.swap_halves is None or canon_naming == target_naming:
+        return False
+    return rule.swap_halves == "always" or out_dim == 2 * in_dim
+
+
+def plan(pairs: list[tuple[Module, Canon]], table: NamingTable, target_naming: str) -> list[OutModule]:
+    """Output modules for ``target_naming`` (native or diffusers) in source order."""
+    groups: dict[tuple[str, str], list[tuple[Module, Canon]]] = defaultdict(list)
+    for m, c in pairs:
+        groups[(c.space, c.native)].append((m, c))
+    out: list[OutModule] = []
+    for (space, native), members in groups.items():
+        rule = table.rule(space, native)
+        naming = target_naming if space == "model" else NATIVE
+        whole = [mc for mc in members if mc[1].part is None]
+        if whole:
+            m, c = whole[0]
+            if rule.fused and naming == DIFFUSERS:
+                out += _split(m, c, rule)
+            else:
+                out.append(_rename(m, c, rule, naming))
+        elif naming == NATIVE or not rule.fused:
+            out.append(_fuse(members, rule))
+        else:
+            out += [_rename(m, c, rule, naming) for m, c in members]
+    return out
+
+
+def _dora(m: Module):
+    if m.magnitude is None:
+        return None, None
+    ref = m.magnitude
+    return (lambda: ref.torch().float()), m.dora_axis
+
+
+def _rename(m: Module, c: Canon, rule, naming: str) -> OutModule:
+    a = m.adapter
+    if c.part is not None:
+        name = rule.diffusers[c.part.index]
+    else:
+        name = rule.native if naming == NATIVE else rule.diffusers[0]
+    swap = _needs_swap(rule, c.naming, naming, a.out_dim or 0, a.in_dim or 0)
+    if swap and (m.magnitude is not None or a.has("lora_up_bias") or a.has("diff_b")):
+        raise UsageError(f"{m.name}: swapping shift/scale halves of a DoRA or bias module is not supported")
+
+    def factors():
+        up, down, mid = _factors(m)
+        return (_swap(up) if swap else up), down, mid
+
+    magnitude, axis = _dora(m)
+    mid = a.t("lora_mid").shape if a.has("lora_mid") else None
+    return OutModule(c.space, c.native, name, factors, m.rank, m.scale, a.up.dtype, magnitude, axis,
+                     _bias(m), [m.name], (a.up.shape, a.down.shape, mid))
+
+
+def _bias(m: Module):
+    a = m.adapter
+    if a.has("diff_b"):
+        ref = a.t("diff_b")
+        return lambda: ref.torch().float()
+    if a.has("lora_up_bias"):  # PEFT scales lora_B.bias like the product
+        ref, s = a.t("lora_up_bias"), m.scale
+        return lambda: ref.torch().float() * s
+    return None
+
+
+def _plain(m: Module, what: str) -> None:
+    if m.magnitude is not None or m.adapter.has("lora_mid") or _bias(m) is not None:
+        raise UsageError(f"{m.name}: {what} a DoRA, Tucker or bias module is not supported")
+
+
+def _split(m: Module, c: Canon, rule) -> list[OutModule]:
+    """A fused native LoRA as its diffusers parts: A copied, B sliced by rows."""
+    _plain(m, "splitting")
+    a = m.adapter
+    in_dim, out_dim = a.in_dim, a.out_dim
+    bounds = _bounds(rule.sizes, in_dim, out_dim, m.name)
+    parts = []
+    for k, name in enumerate(rule.diffusers):
+        lo, hi = bounds[k]
+
+        def factors(lo=lo, hi=hi):
+            up, down, _ = _factors(m)
+            return up[lo:hi].contiguous(), down, None
+
+        shapes = ((hi - lo,) + tuple(a.up.shape[1:]), a.down.shape, None)
+        parts.append(OutModule(c.space, c.native, name, factors, m.rank, m.scale, a.up.dtype, sources=[m.name],
+                               shapes=shapes))
+    return parts
+
+
+def _bounds(sizes, in_dim: int, out_dim: int, name: str) -> list[tuple[int, int]]:
+    """Row ranges of the parts: every part but the last is sizes[k] × in-features, the last takes the rest."""
+    bounds, lo = [], 0
+    for k, size in enumerate(sizes):
+        hi = out_dim if k == len(sizes) - 1 else lo + size * in_dim
+        bounds.append((lo, hi))
+        lo = hi
+    if bounds[-1][1] <= bounds[-1][0] or bounds[-2][1] > out_dim:
+        raise FormatError(f"{name}: {out_dim} rows do not split into parts of {list(sizes)} × {in_dim}")
+    return bounds
+
+
+def _fuse(members: list[tuple[Module, Canon]], rule) -> OutModule:
+    """Diffusers parts as one LoRA of the fused native weight (exact, block-diagonal)."""
+    for m, _ in members:
+        _plain(m, "fusing")
+    by_index = {c.part.index: m for m, c in members}
+    first = members[0][0]
+    in_dim = first.adapter.in_dim
+    sizes = rule.sizes
+    rows = [(by_index[k].adapter.out_dim if k in by_index else sizes[k] * in_dim) for k in range(len(sizes))]
+    offsets = [sum(rows[:k]) for k in range(len(rows))]
+    mods = [by_index[k] for k in sorted(by_index)]
+    # every part present with one shared A and scale: the diffusers split of a fused LoRA, re-fused at its rank
+    same = len(mods) == len(sizes) and len({(m.rank, m.scale) for m in mods}) == 1 and _same_down(mods)
+    total_rank = sum(m.rank for m in mods)
+
+    def factors():
+        import torch
+
+        ups, downs = zip(*[_factors(m)[:2] for m in mods])
+        if same:
+            return torch.cat(ups), downs[0], None
+        up = torch.zeros(sum(rows), total_rank)
+        col = 0
+        for k, m, u in zip(sorted(by_index), mods, ups):
+            up[offsets[k]: offsets[k] + rows[k], col: col + m.rank] = u * m.scale
+            col += m.rank
+        return up, torch.cat(downs), None
+
+    rank, scale = (mods[0].rank, mods[0].scale) if same else (total_rank, 1.0)
+    shapes = ((sum(rows), rank), (rank, in_dim), None)
+    return OutModule(members[0][1].space, rule.native, rule.native, factors, rank, scale, first.adapter.up.dtype,
+                     sources=[m.name for m in mods], shapes=shapes)
+
+
+def _same_down(mods: list[Module]) -> bool:
+    """Whether every part shares one A (decided before writing, since it sets the output rank)."""
+    import torch
+
+    downs = [m.adapter.down.torch() for m in mods]
+    return all(d.shape == downs[0].shape and torch.equal(d, downs[0]) for d in downs[1:])

@@ -1,0 +1,116 @@
+"""Comparing the effective ΔW of two LoRA files of any formats, module by module, in factor space.
+
+Both files are brought to canonical identities (native module path + part). For each adapted weight the
+difference ΔW_a − ΔW_b = [B_a, −B_b] @ [A_a; A_b] is itself low-rank, so its Frobenius norm comes from a QR
+of the stacked factors (float64) — no dense matrix larger than the factors is formed for LoRA modules.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from loratools.families.naming import NATIVE, naming_table
+from loratools.model import Lora
+from loratools.ops.canonical import _bounds, _swap, canonicalize
+
+
+@dataclass
+class VerifyResult:
+    a: str
+    b: str
+    family: str
+    rtol: float
+    compared: int
+    max_rel_error: float
+    equal: bool
+    modules: list[dict] = field(default_factory=list)
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+
+
+def _pieces(lora: Lora, table) -> dict[tuple[str, str], list]:
+    """(space, native) -> [(up_scaled [rows, r] placed at its row offset, down [r, n], total rows) or dense]."""
+    import torch
+
+    out = defaultdict(list)
+    for m, c in canonicalize(lora, table, lora_only=False):
+        a = m.adapter
+        if a.kind == "lora" and not a.has("lora_mid"):
+            up = a.up.torch().double().flatten(1) * m.scale
+            down = a.down.torch().double().flatten(1)
+        else:
+            up, down = a.delta().double().flatten(1) * m.scale, None
+        rule = table.rule(c.space, c.native)
+        if rule.swap_halves and c.naming != NATIVE and (rule.swap_halves == "always" or up.shape[0] == 2 * a.in_dim):
+            up = _swap(up)
+        rows, offset = up.shape[0], 0
+        if c.part is not None:
+            in_dim = a.in_dim
+            sizes = rule.sizes
+            full = sum(sizes) * in_dim  # the last part may be larger; placed below by its own row count
+            offset = sum(sizes[: c.part.index]) * in_dim
+            rows = max(full, offset + up.shape[0])
+        if m.magnitude is not None:
+            out[(c.space, c.native, "magnitude")].append(m.magnitude.torch().double().reshape(-1))
+        out[(c.space, c.native)].append((up, down, offset, rows))
+    return out
+
+
+def _as_factors(pieces, rows: int):
+    """Stack pieces into one (B, A) pair of ΔW (dense pieces become B = ΔW, A = I)."""
+    import torch
+
+    ups, downs = [], []
+    for up, down, offset, _ in pieces:
+        if down is None:
+            down = torch.eye(up.shape[1], dtype=up.dtype)
+        placed = torch.zeros(rows, up.shape[1], dtype=up.dtype)
+        placed[offset: offset + up.shape[0]] = up
+        ups.append(placed)
+        downs.append(down)
+    cols = {d.shape[1] for d in downs}
+    if len(cols) != 1:
+        return None
+    return torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+
+
+def _norm(up, down) -> float:
+    import torch
+
+    if up.numel() == 0:
+        return 0.0
+    _, r_b = torch.linalg.qr(up)
+    _, r_a = torch.linalg.qr(down.T)
+    return float(torch.linalg.matrix_norm(r_b @ r_a.T))
+
+
+def verify(a: Lora, b: Lora, *, rtol: float = 1e-5, family: str | None = None) -> VerifyResult:
+    from loratools.ops.convert import family_of
+
+    fid = family_of(a, family)
+    table = naming_table(fid)
+    pa, pb = _pieces(a, table), _pieces(b, table)
+    rows_out, worst = [], 0.0
+    for key in sorted(set(pa) & set(pb), key=str):
+        if len(key) == 3:  # DoRA magnitudes compare directly
+            x, y = pa[key][0], pb[key][0]
+            err = float((x - y).norm() / max(float(y.norm()), float(x.norm()), 1e-30)) if x.shape == y.shape else 1.0
+        else:
+            rows = max(p[3] for p in pa[key] + pb[key])
+            fa, fb = _as_factors(pa[key], rows), _as_factors(pb[key], rows)
+            if fa is None or fb is None or fa[1].shape[1] != fb[1].shape[1]:
+                err = float("inf")
+            else:
+                import torch
+
+                diff = _norm(torch.cat([fa[0], -fb[0]], dim=1), torch.cat([fa[1], fb[1]], dim=0))
+                scale = max(_norm(*fa), _norm(*fb))
+                err = 0.0 if diff == 0 else diff / scale if scale > 0 else float("inf")
+        worst = max(worst, err)
+        rows_out.append({"target": f"{key[0]}:{key[1]}" + (" (DoRA magnitude)" if len(key) == 3 else ""),
+                         "rel_error": err})
+    only_a = sorted(f"{k[0]}:{k[1]}" for k in set(pa) - set(pb) if len(k) == 2)
+    only_b = sorted(f"{k[0]}:{k[1]}" for k in set(pb) - set(pa) if len(k) == 2)
+    equal = worst <= rtol and not only_a and not only_b
+    return VerifyResult(a.path, b.path, fid, rtol, len(rows_out), worst, equal, rows_out, only_a, only_b)
