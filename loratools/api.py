@@ -8,7 +8,7 @@ from collections import Counter
 from loratools.families import ModuleEvidence, detect_family
 from loratools.formats import read_modules
 from loratools.formats.peft_config import AdapterConfig
-from loratools.io.sources import open_lora
+from loratools.io.sources import open_lora, peft_bundle
 from loratools.model import Lora, TensorRef
 
 __all__ = ["load", "inspect", "convert", "verify"]
@@ -26,6 +26,9 @@ def load(path: str | os.PathLike, allow_pickle: bool = False, family: str | None
         >>> lora = loratools.load("style.safetensors")
         >>> lora.format, lora.family.id, len(lora.modules)
     """
+    bundle = peft_bundle(path)
+    if bundle:
+        return _load_bundle(path, bundle, allow_pickle, family)
     opened = open_lora(path, allow_pickle)
     src = opened.source
     try:
@@ -42,6 +45,7 @@ def load(path: str | os.PathLike, allow_pickle: bool = False, family: str | None
     fmt = "peft" if opened.peft_config is not None and result.format in ("peft", "diffusers") else result.format
     lora = Lora(path=opened.path, format=fmt, modules=result.modules, metadata=metadata,
                 unknown_keys=result.unknown_keys, extras=result.extras, warnings=result.warnings,
+                conflicts=result.conflicts,
                 tensors=tensors, size_bytes=opened.size_bytes, source=src,
                 config=opened.peft_config)
     lora.family = _family(lora, family)
@@ -49,9 +53,45 @@ def load(path: str | os.PathLike, allow_pickle: bool = False, family: str | None
     return lora
 
 
+def _load_bundle(path, bundle: dict, allow_pickle: bool, family: str | None) -> Lora:
+    """A folder of PEFT adapters, one per component (what `convert --to peft` writes), as one LoRA."""
+    parts = []
+    try:
+        for component, folder in bundle.items():
+            part = load(folder, allow_pickle=allow_pickle, family="unknown")
+            parts.append(part)
+            for m in part.modules:
+                m.component = component
+    except BaseException:
+        for p in parts:
+            p.close()
+        raise
+    first = parts[0]
+    lora = Lora(path=str(path), format="peft", modules=[m for p in parts for m in p.modules],
+                metadata=first.metadata, unknown_keys=[k for p in parts for k in p.unknown_keys],
+                warnings=[w for p in parts for w in p.warnings], conflicts=[c for p in parts for c in p.conflicts],
+                tensors={f"{c}/{k}": r for c, p in zip(bundle, parts) for k, r in p.tensors.items()},
+                size_bytes=sum(p.size_bytes for p in parts), source=_Sources([p.source for p in parts]))
+    lora.family = _family(lora, family)
+    _name_components(lora)
+    return lora
+
+
+class _Sources:
+    def __init__(self, sources):
+        self.sources = sources
+
+    def close(self):
+        for s in self.sources:
+            s.close()
+
+
 def _family(lora: Lora, override: str | None):
     from loratools.families import FamilyResult, get_family
 
+    if override == "unknown":
+        return FamilyResult(id="unknown", variant=None, confidence=0.0, evidence=[], mismatches=[],
+                            alternatives=[], metadata_claims=[], reason="not detected", model_component="model")
     if override:
         fam = get_family(override)
         return FamilyResult(id=fam["id"] if isinstance(fam, dict) else fam.id, variant=None, confidence=1.0,

@@ -41,7 +41,7 @@ def describe(lora: Lora) -> dict:
         types["dora"] = dora
     axes = Counter(m.dora_axis for m in mods if m.magnitude is not None)
     refs = lora.tensors.values()
-    warnings = list(lora.warnings)
+    warnings = list(lora.warnings) + list(lora.conflicts)
     if alpha["missing"] and lora.format in ("kohya", "lycoris", "comfy", "onetrainer"):
         warnings.append(f"{alpha['missing']} modules have no alpha: scale 1 assumed (alpha = rank)")
     if lora.unknown_keys:

@@ -30,6 +30,7 @@ class ReadResult:
     unknown_keys: list[str] = field(default_factory=list)
     extras: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)  # the file contradicts itself (config vs tensors)
 
 
 @dataclass
@@ -97,7 +98,7 @@ def _read_stem(st: _Stem, fmt: str, config: AdapterConfig | None, result: ReadRe
             keys=sorted(st.keys[r] for r in taken),
         )
         if config is not None and adapter.kind == "lora":
-            config.apply(module, st, result.warnings)
+            config.apply(module, st, result.conflicts)
         try:
             adapter.check()
         except Exception as exc:  # a ShapeMismatch: keep the module out, say why

@@ -89,7 +89,7 @@ class AdapterConfig:
                 return self.configs[prefix]
         return self.configs.get(None)
 
-    def apply(self, module, stem, warnings: list[str]) -> None:
+    def apply(self, module, stem, conflicts: list[str]) -> None:
         cfg = self.for_component(module.component)
         if cfg is None:
             return
@@ -98,5 +98,5 @@ class AdapterConfig:
             module.alpha = cfg.alpha_for(module.name)
         expected = cfg.rank_for(module.name)
         if expected is not None and module.rank is not None and expected != module.rank:
-            warnings.append(f"{module.name}: {self.origin} says rank {expected}, the tensors have rank "
-                            f"{module.rank}")
+            conflicts.append(f"{module.name}: {self.origin} says rank {expected}, the tensors have rank "
+                             f"{module.rank}")

@@ -83,7 +83,8 @@ def expand_paths(paths) -> list[str]:
     out: list[str] = []
     for raw in paths:
         p = Path(raw)
-        if p.is_dir() and not (p / PEFT_CONFIG).is_file() and not any((p / w).is_file() for w in DIFFUSERS_WEIGHTS):
+        if (p.is_dir() and not (p / PEFT_CONFIG).is_file() and not peft_bundle(p)
+                and not any((p / w).is_file() for w in DIFFUSERS_WEIGHTS)):
             found = _scan(p)
             out.extend(found if found else [str(p)])  # an empty folder still gets its own error
         else:
@@ -95,9 +96,22 @@ def _scan(folder: Path) -> list[str]:
     found: list[str] = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
-        if PEFT_CONFIG in files:
+        if PEFT_CONFIG in files or peft_bundle(root):
             found.append(root)
             dirs[:] = []
             continue
         found.extend(os.path.join(root, f) for f in sorted(files) if f.endswith(".safetensors"))
     return found
+
+
+# Component folders `convert --to peft` writes, and the file component each stands for.
+BUNDLE_COMPONENTS = {"unet": "model", "transformer": "model", "text_encoder": "te1", "text_encoder_2": "te2",
+                     "text_encoder_3": "te3"}
+
+
+def peft_bundle(path) -> dict[str, Path]:
+    """Component -> adapter folder, when ``path`` is a folder of PEFT adapters (one per component)."""
+    p = Path(path)
+    if not p.is_dir() or (p / PEFT_CONFIG).is_file():
+        return {}
+    return {comp: p / name for name, comp in BUNDLE_COMPONENTS.items() if (p / name / PEFT_CONFIG).is_file()}

@@ -56,7 +56,10 @@ def canonicalize(lora: Lora, table: NamingTable, lora_only: bool = True) -> list
     out, unmatched, seen = [], [], {}
     for m in lora.modules:
         space = spaces.get(m.component)
-        canon = table.resolve(space, m.name, flat) if space else None
+        canon = None
+        if space:  # kohya names are flat; a dotted name in a mixed file is looked up dotted, then flattened
+            canon = table.resolve(space, m.name, flat and "." not in m.name) or (
+                table.resolve(space, m.name.replace(".", "_"), True) if "." in m.name else None)
         if canon is None:
             unmatched.append(f"{m.component}:{m.name}")
             continue

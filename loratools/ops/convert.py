@@ -72,11 +72,15 @@ def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, 
     if to not in TARGETS:
         raise LoraToolsError(f"unknown target format '{to}' (choose from {', '.join(TARGETS)})")
     start = time.perf_counter()
+    if lora.conflicts:
+        more = f" (and {len(lora.conflicts) - 1} more)" if len(lora.conflicts) > 1 else ""
+        raise LoraToolsError(f"the file contradicts itself: {lora.conflicts[0]}{more}", lora.path)
     fid = family_of(lora, family)
     table = naming_table(fid)
     pairs = canonicalize(lora, table)
     mods = plan(pairs, table, target_naming(table, to))
     meta = output_metadata(lora, fid, table, to)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     files = write_target(mods, table, to, dest, meta, dtype=dtype, overwrite=overwrite,
                          model_prefix=model_prefix(fid))
     return ConvertResult(lora.path, str(dest), lora.format, to, fid, len(lora.modules), len(mods),

@@ -1,0 +1,287 @@
+"""convert + verify: exact round trips over the real layouts, fusing/splitting, writer rules, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from synth import layout, lora_layouts, synthesize, write_peft_folder
+
+import loratools
+from loratools.cli import cli
+from loratools.errors import FormatError, LoraToolsError, UnknownFamily
+from loratools.io.safetensors import SafetensorsFile, write_safetensors
+
+TARGETS = ("kohya", "diffusers", "peft", "comfy")
+CONVERTIBLE = ("sd15", "sd2", "sdxl", "flux1")  # layout families with naming tables and shapes
+
+
+def convertible(name: str) -> bool:
+    lay = layout(name)
+    keys = lay["tensors"]
+    lora_only = all(not any(s in k for s in ("lokr_", "hada_", "dora_scale", ".diff", ".scale", "lora_B.bias"))
+                    for k in keys)
+    return lay["family"] in CONVERTIBLE and lora_only and lay["format"] not in ("cloneofsimo", "xlabs", "malformed")
+
+
+ROUND_TRIPS = [n for n in lora_layouts() if convertible(n)]
+
+
+@pytest.fixture(scope="module")
+def f32_layout(tmp_path_factory):
+    cache, folder = {}, tmp_path_factory.mktemp("f32")
+
+    def make(name):
+        if name not in cache:
+            rank = 4 if layout(name)["family"] in ("sd15", "sd2") else 2  # sd1/sd2 configs say r=4
+            cache[name] = synthesize(name, folder / (name[:-5] + ".safetensors"), dtype="F32", seed=3, rank=rank)
+        return cache[name]
+
+    return make
+
+
+@pytest.mark.parametrize("name", ROUND_TRIPS)
+@pytest.mark.parametrize("to", TARGETS)
+def test_round_trip_is_exact(name, to, f32_layout, tmp_path):
+    src = f32_layout(name)
+    with loratools.load(src) as lora:
+        source_format = "kohya" if lora.format in ("kohya", "lycoris", "onetrainer") else (
+            "diffusers" if lora.format == "diffusers_legacy" else lora.format)
+    out = loratools.convert(src, to, tmp_path / "out" / "")
+    assert loratools.verify(src, out.output, rtol=1e-6).equal
+    back = loratools.convert(out.output, source_format, tmp_path / "back" / "")
+    v = loratools.verify(src, back.output, rtol=1e-6)
+    assert v.equal and not v.only_in_a and not v.only_in_b and v.max_rel_error < 1e-6
+
+
+def _keys(path):
+    with SafetensorsFile(path) as f:
+        return set(f.keys()), dict(f.metadata)
+
+
+def test_kohya_flux_to_diffusers_splits_fused_weights(f32_layout, tmp_path):
+    src = f32_layout("flux1__kohya__invokeai-pokemon.json")
+    out = loratools.convert(src, "diffusers", tmp_path / "x.safetensors")
+    keys, meta = _keys(out.output)
+    assert not any(k.endswith(".alpha") for k in keys)  # diffusers: alpha folded into the factors
+    assert "transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight" in keys
+    assert "transformer.transformer_blocks.0.attn.add_k_proj.lora_A.weight" in keys
+    with SafetensorsFile(src) as s, SafetensorsFile(out.output) as d:
+        fused = s.torch("lora_unet_single_blocks_0_linear1.lora_up.weight")  # [21504, r]
+        q = d.torch("transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight")
+        mlp = d.torch("transformer.single_transformer_blocks.0.proj_mlp.lora_B.weight")
+        scale = s.numpy("lora_unet_single_blocks_0_linear1.alpha").item() / fused.shape[1]
+        _, up = _fold(scale)
+        assert torch.equal(q, fused[:3072] * up) and torch.equal(mlp, fused[9216:] * up)
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["loratools.source_format"] == "kohya"
+
+
+def _fold(scale):
+    down, up = scale, 1.0
+    while down * 2 < up:
+        down, up = down * 2, up / 2
+    return down, up
+
+
+def test_partial_parts_fuse_with_zero_rows(f32_layout, tmp_path):
+    """A diffusers Flux LoRA without proj_mlp fuses into linear1 with zero MLP rows, exactly."""
+    src = f32_layout("flux1__diffusers__invokeai-no-proj-mlp.json")
+    out = loratools.convert(src, "kohya", tmp_path / "k.safetensors")
+    with SafetensorsFile(out.output) as k:
+        up = k.torch("lora_unet_single_blocks_0_linear1.lora_up.weight")
+        assert up.shape[0] == 21504 and not up[9216:].any()
+    assert loratools.verify(src, out.output, rtol=1e-6).equal
+
+
+def test_norm_out_halves_are_swapped(f32_layout, tmp_path):
+    src = f32_layout("flux1__diffusers__invokeai-hyper-norm-out.json")
+    out = loratools.convert(src, "comfy", tmp_path / "c.safetensors")
+    with SafetensorsFile(src) as s, SafetensorsFile(out.output) as c:
+        b = s.torch("transformer.norm_out.linear.lora_B.weight")
+        bfl = c.torch("diffusion_model.final_layer.adaLN_modulation.1.lora_up.weight")
+        half = b.shape[0] // 2
+        assert torch.equal(bfl, torch.cat([b[half:], b[:half]]))
+    assert loratools.verify(src, out.output, rtol=1e-6).equal
+
+
+def test_peft_folder_config_has_patterns_for_mixed_ranks(tmp_path):
+    rng = np.random.default_rng(0)
+    items = []
+    for stem, r, alpha in (("lora_unet_down_blocks_0_attentions_0_proj_in", 4, 2.0),
+                           ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q", 8, 8.0),
+                           ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_k", 4, 2.0)):
+        conv = "proj_in" in stem
+        items += [(f"{stem}.lora_down.weight", "F32", (r, 320, 1, 1) if conv else (r, 320),
+                   rng.standard_normal((r, 320, 1, 1) if conv else (r, 320)).astype(np.float32)),
+                  (f"{stem}.lora_up.weight", "F32", (320, r, 1, 1) if conv else (320, r),
+                   rng.standard_normal((320, r, 1, 1) if conv else (320, r)).astype(np.float32)),
+                  (f"{stem}.alpha", "F32", (), np.array(alpha, np.float32))]
+    src = tmp_path / "mixed.safetensors"
+    write_safetensors(src, items)
+    out = loratools.convert(src, "peft", tmp_path / "mixed.peft", family="sd1")
+    cfg = json.loads((tmp_path / "mixed.peft" / "unet" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 2.0
+    assert cfg["rank_pattern"] == {"^down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 8}
+    assert cfg["alpha_pattern"] == {"^down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": 8.0}
+    assert "down_blocks.0.attentions.0.proj_in" in cfg["target_modules"]
+    with SafetensorsFile(tmp_path / "mixed.peft" / "unet" / "adapter_model.safetensors") as f:
+        assert f.info("base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight").shape == (4, 320, 1, 1)
+    assert loratools.verify(src, out.output, rtol=1e-6, family="sd1").equal
+
+
+def _sd3_kohya(path, hidden=64, blocks=2, rank=4):
+    """A tiny SD3 kohya LoRA (SAI names, fused qkv): real names, dims of a tiny test model."""
+    rng = np.random.default_rng(1)
+    items = []
+
+    def mod(stem, out_f, in_f):
+        items.extend([(f"lora_unet_{stem}.lora_down.weight", "F32", (rank, in_f),
+                       rng.standard_normal((rank, in_f)).astype(np.float32)),
+                      (f"lora_unet_{stem}.lora_up.weight", "F32", (out_f, rank),
+                       rng.standard_normal((out_f, rank)).astype(np.float32)),
+                      (f"lora_unet_{stem}.alpha", "F32", (), np.array(2.0, np.float32))])
+
+    for i in range(blocks):
+        for side in ("x_block", "context_block"):
+            mod(f"joint_blocks_{i}_{side}_attn_qkv", 3 * hidden, hidden)
+            mod(f"joint_blocks_{i}_{side}_attn_proj", hidden, hidden)
+            last = side == "context_block" and i == blocks - 1
+            mod(f"joint_blocks_{i}_{side}_adaLN_modulation_1", (2 if last else 6) * hidden, hidden)
+    mod("final_layer_adaLN_modulation_1", 2 * hidden, hidden)
+    write_safetensors(path, items)
+    return path
+
+
+@pytest.mark.parametrize("to", TARGETS)
+def test_sd3_tiny_dims_convert_exactly(to, tmp_path):
+    src = _sd3_kohya(tmp_path / "sd3.safetensors")
+    out = loratools.convert(src, to, tmp_path / "o" / "", family="sd3")
+    assert loratools.verify(src, out.output, rtol=1e-6, family="sd3").equal
+    back = loratools.convert(out.output, "kohya", tmp_path / "b" / "", family="sd3")
+    assert loratools.verify(src, back.output, rtol=1e-6, family="sd3").equal
+    if to == "diffusers":
+        keys, _ = _keys(out.output)
+        assert "transformer.transformer_blocks.1.norm1_context.linear.lora_B.weight" in keys
+        assert "transformer.transformer_blocks.0.attn.add_v_proj.lora_A.weight" in keys
+
+
+def test_fused_parts_with_different_alphas_fuse_block_diagonally(tmp_path):
+    rng = np.random.default_rng(2)
+    items, h = [], 32
+    for k, (part, r) in enumerate((("to_q", 2), ("to_k", 3), ("to_v", 4))):
+        items += [(f"transformer.transformer_blocks.0.attn.{part}.lora_A.weight", "F32", (r, h),
+                   rng.standard_normal((r, h)).astype(np.float32)),
+                  (f"transformer.transformer_blocks.0.attn.{part}.lora_B.weight", "F32", (h, r),
+                   rng.standard_normal((h, r)).astype(np.float32))]
+    src = tmp_path / "d.safetensors"
+    write_safetensors(src, items)
+    out = loratools.convert(src, "kohya", tmp_path / "k.safetensors", family="flux1")
+    with SafetensorsFile(out.output) as f:
+        assert f.info("lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight").shape == (3 * h, 9)
+        assert f.numpy("lora_unet_double_blocks_0_img_attn_qkv.alpha").item() == 9.0
+    assert loratools.verify(src, out.output, rtol=1e-6, family="flux1").equal
+
+
+def test_metadata_kept_and_stale_hashes_dropped(tmp_path):
+    src = synthesize("sdxl__kohya__invokeai-slider-keys-only.json", tmp_path / "s.safetensors",
+                     metadata={"ss_network_dim": "4", "sshs_model_hash": "abc", "modelspec.title": "t"})
+    out = loratools.convert(src, "comfy", tmp_path / "c.safetensors")
+    _, meta = _keys(out.output)
+    assert meta["ss_network_dim"] == "4" and meta["modelspec.title"] == "t" and "sshs_model_hash" not in meta
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["loratools.operation"] == "convert" and meta["loratools.family"] == "sdxl"
+
+
+def test_existing_output_is_refused_and_overwrite_replaces(tmp_path, f32_layout):
+    src = f32_layout("sd15__kohya__safetensorsutil-keys-only.json")
+    dest = tmp_path / "o.safetensors"
+    dest.write_bytes(b"keep me")
+    with pytest.raises(LoraToolsError, match="output exists; pass --overwrite"):
+        loratools.convert(src, "diffusers", dest)
+    assert dest.read_bytes() == b"keep me"
+    loratools.convert(src, "diffusers", dest, overwrite=True)
+    assert loratools.verify(src, dest).equal
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path, f32_layout, monkeypatch):
+    from loratools.ops import canonical
+
+    src = f32_layout("flux1__kohya__invokeai-pokemon.json")
+    calls = {"n": 0}
+    real = canonical._factors
+
+    def flaky(m):
+        calls["n"] += 1
+        if calls["n"] > 50:
+            raise KeyboardInterrupt
+        return real(m)
+
+    monkeypatch.setattr(canonical, "_factors", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        loratools.convert(src, "diffusers", tmp_path / "out" / "x.safetensors")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_wrong_family_lists_unmatched_modules(tmp_path, f32_layout):
+    src = f32_layout("sdxl__kohya__invokeai-slider-keys-only.json")
+    with pytest.raises(FormatError, match=r"280 modules are not in the flux1 tables: .*is the family right"):
+        loratools.convert(src, "diffusers", tmp_path / "x.safetensors", family="flux1")
+    with pytest.raises(UnknownFamily, match="did you mean 'sdxl'"):
+        loratools.convert(src, "diffusers", tmp_path / "x.safetensors", family="sdxll")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_unsupported_adapter_types_are_refused(tmp_path, layout_file):
+    with pytest.raises(FormatError, match="cannot convert lokr modules exactly"):
+        loratools.convert(layout_file("sd15__lycoris_lokr__lycoris-smartfalcon-f4.json"), "kohya", tmp_path / "x")
+
+
+def test_conflicting_duplicate_keys(tmp_path):
+    """The same module twice, once kohya-named and once diffusers-named: refused, not silently merged."""
+    a, b = np.ones((2, 320), np.float32), np.ones((320, 2), np.float32)
+    kohya = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    dotted = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    write_safetensors(tmp_path / "dup.safetensors", [
+        (f"{kohya}.lora_down.weight", "F32", a.shape, a), (f"{kohya}.lora_up.weight", "F32", b.shape, b),
+        (f"{dotted}.lora_A.weight", "F32", a.shape, a), (f"{dotted}.lora_B.weight", "F32", b.shape, b)])
+    with pytest.raises(FormatError, match="both adapt input_blocks.1.1.transformer_blocks.0.attn1.to_q"):
+        loratools.convert(tmp_path / "dup.safetensors", "kohya", tmp_path / "x.safetensors", family="sd1")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_peft_config_that_disagrees_with_tensors(tmp_path):
+    folder = write_peft_folder("sd15__peft__faithsang.json", tmp_path / "adapter", rank=2)  # config says r=4
+    r = subprocess.run([sys.executable, "-m", "loratools", "convert", str(folder), "--to", "kohya"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "contradicts itself" in r.stderr and "says rank 4, the tensors have rank 2" in r.stderr
+    assert not (tmp_path / "adapter.kohya.safetensors").exists()
+
+
+def test_cli_batch_with_a_bad_file(tmp_path, f32_layout):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("sd15__kohya__safetensorsutil-keys-only.json", "sdxl__kohya__invokeai-slider-keys-only.json"):
+        synthesize(name, inputs / (name[:4] + ".safetensors"))
+    (inputs / "broken.safetensors").write_bytes(b"\x00" * 3)
+    res = CliRunner().invoke(cli, ["convert", str(inputs), "--to", "diffusers", "-o", str(tmp_path / "out"),
+                                   "--json", "--jobs", "2"])
+    assert res.exit_code == 1
+    report = json.loads(res.stdout)
+    assert sorted(r["ok"] for r in report) == [False, True, True]
+    assert sorted(os.listdir(tmp_path / "out")) == ["sd15.diffusers.safetensors", "sdxl.diffusers.safetensors"]
+
+
+def test_cli_verify_exit_codes(tmp_path, f32_layout):
+    a = f32_layout("sd15__kohya__safetensorsutil-keys-only.json")
+    b = synthesize("sd15__kohya__safetensorsutil-keys-only.json", tmp_path / "other.safetensors", dtype="F32", seed=9)
+    runner = CliRunner()
+    same = runner.invoke(cli, ["verify", str(a), str(a), "--json"])
+    assert same.exit_code == 0 and json.loads(same.stdout)["equal"] is True
+    diff = runner.invoke(cli, ["verify", str(a), str(b)])
+    assert diff.exit_code == 1 and "DIFFERENT" in diff.stdout
