@@ -36,10 +36,25 @@ class _Lazy:
             self._f = self.om.factors()
         return self._f
 
-    def cast(self, t):
+    def torch_dtype(self):
         import torch
 
-        return t.to(getattr(torch, _TORCH[self.dtype])).contiguous()
+        return getattr(torch, _TORCH[self.dtype])
+
+    def cast(self, t):
+        return t.to(self.torch_dtype()).contiguous()
+
+    def scaled(self, t, k: float):
+        """``t * k`` cast to the output dtype: in the storage dtype when that is exact (k a power of two and
+        no dtype change), in float32 otherwise (one rounding, at the final cast)."""
+        import math
+
+        if k == 1.0:
+            return self.cast(t)
+        mantissa, _ = math.frexp(k)
+        if mantissa == 0.5 and t.dtype == self.torch_dtype():
+            return (t * k).contiguous()
+        return self.cast(t.float() * k)
 
     def done(self):
         self._f = None
@@ -112,10 +127,9 @@ def peft_style_items(mods: list[OutModule], table, fmt: str, dtype: str | None, 
         if mid_shape:
             raise UsageError(f"{om.name}: a Tucker (lora_mid) module has no {fmt} spelling")
         s_down, s_up = _fold(om.scale) if fold else (1.0, 1.0)
-        yield (f"{stem}.lora_A.weight", lazy.dtype, down_shape,
-               lambda z=lazy, k=s_down: z.cast(z.factors()[1] * k if k != 1.0 else z.factors()[1]))
+        yield (f"{stem}.lora_A.weight", lazy.dtype, down_shape, lambda z=lazy, k=s_down: z.scaled(z.factors()[1], k))
         yield (f"{stem}.lora_B.weight", lazy.dtype, up_shape,
-               lambda z=lazy, k=s_up: _last(z, z.cast(z.factors()[0] * k if k != 1.0 else z.factors()[0])))
+               lambda z=lazy, k=s_up: _last(z, z.scaled(z.factors()[0], k)))
         if om.magnitude is not None:
             if om.dora_axis != "row":
                 raise UsageError(f"{om.name}: column-wise DoRA (dora_scale [1, in]) has no {fmt} spelling; "

@@ -307,6 +307,7 @@ class SafetensorsFile:
         self.path = self.header.path
         self.metadata = self.header.metadata
         self._map: mmap.mmap | None = None
+        self._fd: int | None = None
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -357,9 +358,29 @@ class SafetensorsFile:
         dtype = getattr(torch, TORCH_DTYPES[info.dtype])
         if info.numel == 0:  # torch.frombuffer refuses empty buffers
             return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(bytearray(self.raw(name)), dtype=dtype).reshape(info.shape)
+        return torch.frombuffer(self._read(info), dtype=dtype).reshape(info.shape)
+
+    def _read(self, info: TensorInfo) -> bytearray:
+        """A tensor's bytes read with pread, not through the map: streaming a whole file through the map
+        would leave every page resident in this process, so peak memory would grow with the file."""
+        if self._fd is None:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            except OSError as e:
+                raise HeaderError(f"cannot read file ({_reason(e)})", self.path) from None
+        buf = bytearray(info.nbytes)
+        view, done, start = memoryview(buf), 0, self.header.data_start + info.begin
+        while done < info.nbytes:
+            n = os.preadv(self._fd, [view[done:]], start + done)
+            if n <= 0:
+                raise HeaderError("file changed after its header was read", self.path)
+            done += n
+        return buf
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         if self._map is not None:
             # Arrays returned by numpy()/raw() may still point into the map; then it stays open until they go.
             with contextlib.suppress(BufferError):

@@ -80,12 +80,10 @@ def canonicalize(lora: Lora, table: NamingTable, lora_only: bool = True) -> list
 
 
 def _factors(m: Module):
-    import torch
-
+    """The module's factors in their storage dtype (renames and splits need no arithmetic)."""
     a = m.adapter
-    up, down = a.up.torch().float(), a.down.torch().float()
-    mid = a.t("lora_mid").torch().float() if a.has("lora_mid") else None
-    return up, down, mid
+    mid = a.t("lora_mid").torch() if a.has("lora_mid") else None
+    return a.up.torch(), a.down.torch(), mid
 
 
 def _swap(up):
@@ -223,9 +221,9 @@ def _fuse(members: list[tuple[Module, Canon]], rule) -> OutModule:
         up = torch.zeros(sum(rows), total_rank)
         col = 0
         for k, m, u in zip(sorted(by_index), mods, ups):
-            up[offsets[k]: offsets[k] + rows[k], col: col + m.rank] = u * m.scale
+            up[offsets[k]: offsets[k] + rows[k], col: col + m.rank] = u.float() * m.scale
             col += m.rank
-        return up, torch.cat(downs), None
+        return up, torch.cat([d.float() for d in downs]), None
 
     rank, scale = (mods[0].rank, mods[0].scale) if same else (total_rank, 1.0)
     shapes = ((sum(rows), rank), (rank, in_dim), None)

@@ -1,0 +1,61 @@
+"""convert a ~1 GB SDXL kohya LoRA (real layout, rank 128, fp16) to each target, next to `cp`.
+
+    python benchmarks/bench_convert.py [--rank 128] [--repeat 1]
+
+Each variant runs in its own process; peak RSS is that process's maximum resident set (ru_maxrss of a
+child that is waited for alone). Targets from the issue: wall time within 2x of cp, peak RSS < 500 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, table, write_sdxl_kohya
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one child process."""
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    if status != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rank", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
+        tmp = Path(tmp)
+        src = write_sdxl_kohya(tmp / "sdxl.safetensors", rank=args.rank)
+        size = src.stat().st_size / 2**20
+        rows = []
+        variants = [("cp (I/O floor)", ["cp", str(src), str(tmp / "copy.safetensors")])]
+        for to in ("kohya", "diffusers", "comfy", "peft"):
+            variants.append((f"loratools convert --to {to}",
+                             [sys.executable, "-m", "loratools", "convert", str(src), "--to", to, "-o",
+                              str(tmp / f"out.{to}"), "--overwrite"]))
+        results = {}
+        for name, cmd in variants:
+            best = min((run(cmd) for _ in range(args.repeat)), key=lambda r: r[0])
+            results[name] = best
+        floor = results["cp (I/O floor)"][0]
+        for name, (wall, rss) in results.items():
+            rows.append([name, f"{wall:.2f}", f"{wall / floor:.2f}x", f"{rss:.0f}"])
+        print(f"SDXL kohya LoRA, 986 modules, rank {args.rank}, fp16: {size:.0f} MiB")
+        print(table(rows, ["variant", "wall s", "vs cp", "peak RSS MB"]))
+
+
+if __name__ == "__main__":
+    main()
