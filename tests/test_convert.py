@@ -52,9 +52,9 @@ def test_round_trip_is_exact(name, to, f32_layout, tmp_path):
     with loratools.load(src) as lora:
         source_format = "kohya" if lora.format in ("kohya", "lycoris", "onetrainer") else (
             "diffusers" if lora.format == "diffusers_legacy" else lora.format)
-    out = loratools.convert(src, to, tmp_path / "out" / "")
+    out = loratools.convert(src, to, f"{tmp_path}/out/")
     assert loratools.verify(src, out.output, rtol=1e-6).equal
-    back = loratools.convert(out.output, source_format, tmp_path / "back" / "")
+    back = loratools.convert(out.output, source_format, f"{tmp_path}/back/")
     v = loratools.verify(src, back.output, rtol=1e-6)
     assert v.equal and not v.only_in_a and not v.only_in_b and v.max_rel_error < 1e-6
 
@@ -160,9 +160,9 @@ def _sd3_kohya(path, hidden=64, blocks=2, rank=4):
 @pytest.mark.parametrize("to", TARGETS)
 def test_sd3_tiny_dims_convert_exactly(to, tmp_path):
     src = _sd3_kohya(tmp_path / "sd3.safetensors")
-    out = loratools.convert(src, to, tmp_path / "o" / "", family="sd3")
+    out = loratools.convert(src, to, f"{tmp_path}/o/", family="sd3")
     assert loratools.verify(src, out.output, rtol=1e-6, family="sd3").equal
-    back = loratools.convert(out.output, "kohya", tmp_path / "b" / "", family="sd3")
+    back = loratools.convert(out.output, "kohya", f"{tmp_path}/b/", family="sd3")
     assert loratools.verify(src, back.output, rtol=1e-6, family="sd3").equal
     if to == "diffusers":
         keys, _ = _keys(out.output)

@@ -141,10 +141,11 @@ def peft_style_items(mods: list[OutModule], table, fmt: str, dtype: str | None, 
             yield f"{stem}.lora_B.bias", lazy.dtype, (up_shape[0],), lambda z=lazy, k=k: z.cast(z.om.bias() * k)
 
 
-def peft_config(mods: list[OutModule], base_model: str | None = None) -> dict:
-    """A minimal adapter_config.json that gives every module its own rank and scale."""
+def peft_config(mods: list[OutModule], base_model: str | None = None, folded: bool = False) -> dict:
+    """A minimal adapter_config.json that gives every module its own rank and scale (scale 1 when the
+    scales were folded into the factors)."""
     ranks = {om.name: om.rank for om in mods}
-    alphas = {om.name: om.scale * om.rank for om in mods}
+    alphas = {om.name: float(om.rank) if folded else om.scale * om.rank for om in mods}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     cfg = {
@@ -168,12 +169,34 @@ def write_target(mods: list[OutModule], table, fmt: str, dest: Path, metadata: d
     if fmt == "diffusers":
         prefix = lambda om: _slot_prefix(om, table, "diffusers", model_prefix)  # noqa: E731
         items = list(peft_style_items(mods, table, fmt, dtype, prefix, fold=True))
-        write_safetensors(dest, items, {**metadata, "format": "pt"}, overwrite=overwrite)
+        meta = {**metadata, "format": "pt", "lora_adapter_metadata": _diffusers_metadata(mods, table, model_prefix)}
+        write_safetensors(dest, items, meta, overwrite=overwrite)
         return [dest]
     if fmt == "peft":
         return _write_peft_folders(mods, table, dest, metadata, dtype=dtype, overwrite=overwrite,
                                    model_prefix=model_prefix)
     raise UsageError(f"unknown target format '{fmt}' (choose from {', '.join(TARGETS)})")
+
+
+# The LoraConfig fields diffusers passes straight to LoraConfig(**metadata).
+_DIFFUSERS_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias")
+
+
+def _diffusers_metadata(mods: list[OutModule], table, model_prefix: str) -> str:
+    """diffusers' `lora_adapter_metadata`: one LoraConfig per component, keys prefixed by the component.
+
+    Without it diffusers infers ranks and alphas from the tensors, and with mixed ranks gets some modules'
+    scale wrong; with it every module gets exactly its rank and scale 1 (alpha is folded into the factors).
+    """
+    by_component: dict[str, list[OutModule]] = {}
+    for om in mods:
+        comp = model_prefix if om.space == "model" else table.encoder_slot(om.space, "diffusers")
+        by_component.setdefault(comp, []).append(om)
+    packed = {}
+    for comp, group in by_component.items():
+        cfg = peft_config(group, folded=True)
+        packed.update({f"{comp}.{k}": cfg[k] for k in _DIFFUSERS_CONFIG_KEYS})
+    return json.dumps(packed, indent=2, sort_keys=True)
 
 
 def _write_peft_folders(mods, table, dest: Path, metadata: dict, *, dtype, overwrite: bool, model_prefix: str):
