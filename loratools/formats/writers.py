@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -44,6 +45,14 @@ class _Lazy:
     def cast(self, t):
         return t.to(self.torch_dtype()).contiguous()
 
+    def data(self, which: int, k: float = 1.0):
+        """Producer of factor ``which`` (0 up, 1 down, 2 mid) times ``k`` in the output dtype: the stored
+        bytes when nothing changes, otherwise computed with torch."""
+        rows = self.om.raw[which] if self.om.raw else None
+        if rows is not None and k == 1.0 and rows.ref.dtype == self.dtype:
+            return rows.read
+        return lambda: self.scaled(self.factors()[which], k)
+
     def scaled(self, t, k: float):
         """``t * k`` cast to the output dtype: in the storage dtype when that is exact (k a power of two and
         no dtype change), in float32 otherwise (one rounding, at the final cast)."""
@@ -73,18 +82,16 @@ def _slot_prefix(om: OutModule, table, fmt: str, model_prefix: str) -> str:
 
 def kohya_items(mods: list[OutModule], table, fmt: str, dtype: str | None, model_prefix: str = ""):
     """Tensors for kohya (flattened) or comfy (dotted) naming, with lora_down/lora_up/alpha."""
-    import torch
-
     for om in mods:
         lazy = _Lazy(om, dtype)
         prefix = _slot_prefix(om, table, fmt, model_prefix)
         stem = prefix + (om.name.replace(".", "_") if fmt == "kohya" else om.name)
         up_shape, down_shape, mid_shape = _shapes(om)
-        yield f"{stem}.alpha", "F32", (), torch.tensor(float(om.scale * om.rank), dtype=torch.float32)
-        yield f"{stem}.lora_down.weight", lazy.dtype, down_shape, lambda z=lazy: z.cast(z.factors()[1])
+        yield f"{stem}.alpha", "F32", (), struct.pack("<f", om.scale * om.rank)
+        yield f"{stem}.lora_down.weight", lazy.dtype, down_shape, lazy.data(1)
         if mid_shape:
-            yield f"{stem}.lora_mid.weight", lazy.dtype, mid_shape, lambda z=lazy: z.cast(z.factors()[2])
-        yield f"{stem}.lora_up.weight", lazy.dtype, up_shape, lambda z=lazy: _last(z, z.cast(z.factors()[0]))
+            yield f"{stem}.lora_mid.weight", lazy.dtype, mid_shape, lazy.data(2)
+        yield f"{stem}.lora_up.weight", lazy.dtype, up_shape, _then_done(lazy, lazy.data(0))
         if om.magnitude is not None:
             shape = _magnitude_shape(om, up_shape, down_shape)
             yield f"{stem}.dora_scale", lazy.dtype, shape, lambda z=lazy, s=shape: z.cast(z.om.magnitude().reshape(s))
@@ -95,6 +102,11 @@ def kohya_items(mods: list[OutModule], table, fmt: str, dtype: str | None, model
 def _last(lazy: _Lazy, value):
     lazy.done()
     return value
+
+
+def _then_done(lazy: _Lazy, produce):
+    """A producer that drops the module's cached factors once the last of its tensors is made."""
+    return lambda: _last(lazy, produce())
 
 
 def _shapes(om: OutModule):
@@ -127,9 +139,8 @@ def peft_style_items(mods: list[OutModule], table, fmt: str, dtype: str | None, 
         if mid_shape:
             raise UsageError(f"{om.name}: a Tucker (lora_mid) module has no {fmt} spelling")
         s_down, s_up = _fold(om.scale) if fold else (1.0, 1.0)
-        yield (f"{stem}.lora_A.weight", lazy.dtype, down_shape, lambda z=lazy, k=s_down: z.scaled(z.factors()[1], k))
-        yield (f"{stem}.lora_B.weight", lazy.dtype, up_shape,
-               lambda z=lazy, k=s_up: _last(z, z.scaled(z.factors()[0], k)))
+        yield f"{stem}.lora_A.weight", lazy.dtype, down_shape, lazy.data(1, s_down)
+        yield f"{stem}.lora_B.weight", lazy.dtype, up_shape, _then_done(lazy, lazy.data(0, s_up))
         if om.magnitude is not None:
             if om.dora_axis != "row":
                 raise UsageError(f"{om.name}: column-wise DoRA (dora_scale [1, in]) has no {fmt} spelling; "

@@ -360,6 +360,10 @@ class SafetensorsFile:
             return torch.empty(info.shape, dtype=dtype)
         return torch.frombuffer(self._read(info), dtype=dtype).reshape(info.shape)
 
+    def read_bytes(self, name: str) -> bytearray:
+        """A tensor's stored bytes (little-endian), read without decoding or mapping."""
+        return self._read(self.info(name))
+
     def _read(self, info: TensorInfo) -> bytearray:
         """A tensor's bytes read with pread, not through the map: streaming a whole file through the map
         would leave every page resident in this process, so peak memory would grow with the file."""

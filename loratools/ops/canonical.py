@@ -14,10 +14,41 @@ from typing import Callable
 
 from loratools.errors import FormatError, UsageError
 from loratools.families.naming import DIFFUSERS, NATIVE, Canon, NamingTable, Part
-from loratools.model import Lora, Module
+from loratools.model import Lora, Module, TensorRef
 
 FLAT_FORMATS = ("kohya", "lycoris", "onetrainer")
 MODEL_COMPONENTS = ("unet", "transformer", "model")
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Rows [lo, hi) of a stored tensor (along its first dim), the two halves optionally swapped.
+
+    Renames and splits only move rows, so they are written as the stored bytes: no decoding, no torch.
+    """
+
+    ref: TensorRef
+    lo: int
+    hi: int
+    swap: bool = False
+
+    def read(self) -> bytes:
+        ref = self.ref
+        reader = getattr(ref.source, "read_bytes", None)
+        if reader is not None:
+            data = reader(ref.key)
+        else:  # an in-memory source
+            import torch
+
+            data = ref.torch().contiguous().view(torch.uint8).numpy().tobytes()
+        row = len(data) // ref.shape[0] if ref.shape and ref.shape[0] else 0
+        if self.lo == 0 and self.hi * row == len(data) and not self.swap:
+            return data  # the whole tensor: no copy
+        piece = bytes(memoryview(data)[self.lo * row: self.hi * row])
+        if self.swap:
+            half = (self.hi - self.lo) // 2 * row
+            piece = piece[half:] + piece[:half]
+        return piece
 
 
 @dataclass
@@ -36,6 +67,7 @@ class OutModule:
     bias: Callable | None = None  # absolute bias delta [out]
     sources: list[str] = field(default_factory=list)
     shapes: tuple | None = None  # (up, down, mid or None) shapes, known before any tensor is read
+    raw: tuple | None = None  # (up, down, mid) as Rows when the factors are stored rows, unchanged
 
 
 def _spaces(lora: Lora, table: NamingTable) -> dict[str, str]:
@@ -145,8 +177,10 @@ def _rename(m: Module, c: Canon, rule, naming: str) -> OutModule:
 
     magnitude, axis = _dora(m)
     mid = a.t("lora_mid").shape if a.has("lora_mid") else None
+    raw = (Rows(a.up, 0, a.up.shape[0], swap), Rows(a.down, 0, a.down.shape[0]),
+           Rows(a.t("lora_mid"), 0, mid[0]) if mid else None)
     return OutModule(c.space, c.native, name, factors, m.rank, m.scale, a.up.dtype, magnitude, axis,
-                     _bias(m), [m.name], (a.up.shape, a.down.shape, mid))
+                     _bias(m), [m.name], (a.up.shape, a.down.shape, mid), raw)
 
 
 def _bias(m: Module):
@@ -180,8 +214,9 @@ def _split(m: Module, c: Canon, rule) -> list[OutModule]:
             return up[lo:hi].contiguous(), down, None
 
         shapes = ((hi - lo,) + tuple(a.up.shape[1:]), a.down.shape, None)
+        raw = (Rows(a.up, lo, hi), Rows(a.down, 0, a.down.shape[0]), None)
         parts.append(OutModule(c.space, c.native, name, factors, m.rank, m.scale, a.up.dtype, sources=[m.name],
-                               shapes=shapes))
+                               shapes=shapes, raw=raw))
     return parts
 
 
