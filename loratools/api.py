@@ -99,6 +99,13 @@ def _family(lora: Lora, override: str | None):
                             metadata_claims=[], reason=None,
                             model_component=(fam.get("model_component", "model") if isinstance(fam, dict)
                                              else getattr(fam, "model_component", "model")))
+    if lora.format == "cloneofsimo":  # positional keys: no names to match, the encoder width tells
+        from loratools.formats.cloneofsimo import family_evidence
+
+        fid, why = family_evidence(lora.modules)
+        return FamilyResult(id=fid or "unknown", variant=None, confidence=0.8 if fid else 0.0,
+                            evidence=why if fid else [], mismatches=[], alternatives=[], metadata_claims=[],
+                            reason=None if fid else why[0], model_component="unet")
     evidence = [ModuleEvidence(m.component, m.name, m.adapter.in_dim, m.adapter.out_dim) for m in lora.modules]
     return detect_family(evidence, lora.metadata)
 
@@ -187,3 +194,104 @@ def _dtype(name: str | None) -> str | None:
     if name not in _DTYPES:
         raise UsageError(f"unknown dtype '{name}' (keep, fp16, bf16, fp32)")
     return _DTYPES[name]
+
+
+def _lora_spec(spec) -> tuple[str, float]:
+    """``path``, ``(path, strength)`` or ``"path:strength"`` (the suffix counts only when it is a number and
+    the whole text is not an existing path)."""
+    from loratools.errors import UsageError
+
+    if isinstance(spec, (tuple, list)):
+        path, strength = spec
+        return os.fspath(path), float(strength)
+    text = os.fspath(spec)
+    head, sep, tail = text.rpartition(":")
+    if sep and head and not os.path.exists(text):
+        try:
+            return head, float(tail)
+        except ValueError:
+            raise UsageError(f"strength must be a number in PATH:STRENGTH, got {tail!r}", text) from None
+    return text, 1.0
+
+
+def _sha256(path: str) -> str | None:
+    from loratools.io.hashing import file_hashes
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "adapter_model.safetensors")
+    return file_hashes(path, None)["sha256"] if os.path.isfile(path) else None
+
+
+def bake(base: str | os.PathLike, loras, output: str | os.PathLike, *, dtype: str | None = None,
+         device: str = "auto", allow_unmatched: bool = False, overwrite: bool = False, family: str | None = None,
+         allow_pickle: bool = False):
+    """Write ``base`` with LoRAs merged in: W' = W + Σ strength·s·ΔW for every adapted weight.
+
+    ``loras`` is a list of paths, ``(path, strength)`` pairs or ``"path:strength"`` strings. ``base`` is a
+    single-file checkpoint or a diffusers model folder; ``output`` has the same shape (file or folder).
+    Every other tensor is copied byte for byte (unless ``dtype`` casts floats). Returns a ``BakeResult``.
+
+    Example:
+        >>> r = loratools.bake("sdxl_base.safetensors", ["style.safetensors:0.8"], "sdxl_style.safetensors")
+        >>> r.patched_tensors
+        722
+    """
+    from contextlib import ExitStack
+
+    from loratools.io.checkpoints import open_base
+    from loratools.ops.bake import bake_loras
+
+    specs = [_lora_spec(s) for s in ([loras] if isinstance(loras, (str, os.PathLike)) else loras)]
+    with ExitStack() as stack:
+        base_model = stack.enter_context(open_base(base))
+        items, provenance = [], []
+        for path, strength in specs:
+            lora = stack.enter_context(load(path, allow_pickle=allow_pickle, family=family))
+            items.append((lora, strength, _bake_family(lora, family, base_model)))
+            provenance.append({"file": os.path.basename(os.path.normpath(path)), "sha256": _sha256(path),
+                               "strength": strength})
+        return bake_loras(base_model, items, os.fspath(output), dtype=_dtype(dtype), device=device,
+                          allow_unmatched=allow_unmatched, overwrite=overwrite, provenance=provenance)
+
+
+def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, *, rank: int | None = None,
+            dynamic=None, conv_rank: int | None = None, text_encoders: bool = False, to: str = "kohya",
+            device: str = "auto", family: str | None = None, overwrite: bool = False):
+    """Extract a LoRA from two checkpoints of the same family (ΔW = tuned − base, per module by SVD).
+
+    Give ``rank`` (kept terms per module; with ``dynamic`` it caps the rule) or ``dynamic``
+    (``"sv_fro:0.95"``, ``"sv_ratio:20"``, ``"sv_cumulative:0.9"``). k×k convs are extracted only with
+    ``conv_rank``, text encoders only with ``text_encoders=True``. Returns an ``ExtractResult`` whose
+    ``modules`` list each module's rank and retained energy.
+
+    Example:
+        >>> r = loratools.extract("sdxl_base.safetensors", "finetune.safetensors", "diff.safetensors", rank=32)
+        >>> r.modules[0]["retained_energy"] > 0.5
+        True
+    """
+    from pathlib import Path
+
+    from loratools.errors import UnknownFamily
+    from loratools.io.checkpoints import open_base
+    from loratools.ops.extract import extract_lora
+
+    with open_base(base) as b, open_base(tuned) as t:
+        fid = family or b.family_guess()
+        if fid is None:
+            raise UnknownFamily("cannot tell the base-model family from the checkpoint's keys; pass --family", base)
+        return extract_lora(b, t, Path(output), family=fid, to=to, rank=rank, dynamic=dynamic, conv_rank=conv_rank,
+                            text_encoders=text_encoders, device=device, overwrite=overwrite)
+
+
+def _bake_family(lora: Lora, family: str | None, base) -> str:
+    """The LoRA's family: given, detected, or else what the base checkpoint's keys say."""
+    from loratools.errors import UnknownFamily
+    from loratools.ops.convert import family_of
+
+    try:
+        return family_of(lora, family)
+    except UnknownFamily:
+        guess = base.family_guess()
+        if guess is None:
+            raise
+        return guess
