@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from loratools.api import convert, inspect, load, verify  # noqa: E402
+from loratools.api import bake, convert, extract, inspect, load, merge, resize, save, verify  # noqa: E402
 
-__all__ = ["load", "inspect", "convert", "verify", "__version__"]
+__all__ = ["load", "inspect", "convert", "verify", "save", "resize", "merge", "bake", "extract", "__version__"]

@@ -11,7 +11,7 @@ from loratools.formats.peft_config import AdapterConfig
 from loratools.io.sources import open_lora, peft_bundle
 from loratools.model import Lora, TensorRef
 
-__all__ = ["load", "inspect", "convert", "verify"]
+__all__ = ["load", "inspect", "convert", "verify", "save", "resize", "merge", "bake", "extract"]
 
 
 def load(path: str | os.PathLike, allow_pickle: bool = False, family: str | None = None) -> Lora:
@@ -152,7 +152,8 @@ def _counter(values) -> dict:
 
 
 def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None = None, *, family: str | None = None,
-            dtype: str | None = None, overwrite: bool = False, allow_pickle: bool = False, many: bool = False):
+            dtype: str | None = None, overwrite: bool = False, allow_pickle: bool = False, many: bool = False,
+            lossy_rank: int | None = None, device: str = "auto"):
     """Rewrite one LoRA in another naming (``kohya``, ``diffusers``, ``peft``, ``comfy``) with the same effect.
 
     Returns a ``ConvertResult``; nothing is written when it raises. ``output`` follows the CLI's ``-o``
@@ -167,7 +168,14 @@ def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None =
 
     dest = output_path(str(path), to, None if output is None else str(output), many)
     with load(path, allow_pickle=allow_pickle, family=family) as lora:
-        return convert_lora(lora, to, dest, family=family, dtype=_dtype(dtype), overwrite=overwrite)
+        notes: list[str] = []
+        if lossy_rank is not None:
+            from loratools.ops.resize import to_lora
+
+            lora, notes = to_lora(lora, lossy_rank, device)
+        result = convert_lora(lora, to, dest, family=family, dtype=_dtype(dtype), overwrite=overwrite)
+        result.warnings += notes
+        return result
 
 
 def verify(a: str | os.PathLike, b: str | os.PathLike, *, rtol: float = 1e-5, family: str | None = None,
@@ -182,6 +190,23 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, *, rtol: float = 1e-5, fa
 
     with load(a, allow_pickle=allow_pickle, family=family) as la, load(b, allow_pickle=allow_pickle) as lb:
         return _verify(la, lb, rtol=rtol, family=family)
+
+
+def save(lora: Lora, path: str | os.PathLike, *, to: str | None = None, family: str | None = None,
+         dtype: str | None = None, overwrite: bool = False, operation: str = "save"):
+    """Write a LoRA (e.g. the result of ``resize`` or ``merge``) in format ``to`` (default: its own).
+
+    Example:
+        >>> small, report = loratools.resize(loratools.load("style.safetensors"), rank=16)
+        >>> loratools.save(small, "style.r16.safetensors")
+    """
+    from pathlib import Path
+
+    from loratools.ops.convert import SAME_FORMAT, convert_lora
+
+    target = to or SAME_FORMAT.get(lora.format, "kohya")
+    return convert_lora(lora, target, Path(path), family=family, dtype=_dtype(dtype), overwrite=overwrite,
+                        operation=operation)
 
 
 _DTYPES = {"keep": None, None: None, "fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16",
@@ -233,8 +258,8 @@ def bake(base: str | os.PathLike, loras, output: str | os.PathLike, *, dtype: st
 
     Example:
         >>> r = loratools.bake("sdxl_base.safetensors", ["style.safetensors:0.8"], "sdxl_style.safetensors")
-        >>> r.patched_tensors
-        722
+        >>> r.loras[0]["unmatched"]
+        0
     """
     from contextlib import ExitStack
 
@@ -250,7 +275,10 @@ def bake(base: str | os.PathLike, loras, output: str | os.PathLike, *, dtype: st
             items.append((lora, strength, _bake_family(lora, family, base_model)))
             provenance.append({"file": os.path.basename(os.path.normpath(path)), "sha256": _sha256(path),
                                "strength": strength})
-        return bake_loras(base_model, items, os.fspath(output), dtype=_dtype(dtype), device=device,
+        dest = os.fspath(output)
+        if not base_model.is_folder and (dest.endswith(("/", os.sep)) or os.path.isdir(dest)):
+            dest = os.path.join(dest, os.path.basename(base_model.path))  # -o names a folder: keep the base's name
+        return bake_loras(base_model, items, dest, dtype=_dtype(dtype), device=device,
                           allow_unmatched=allow_unmatched, overwrite=overwrite, provenance=provenance)
 
 
@@ -295,3 +323,43 @@ def _bake_family(lora: Lora, family: str | None, base) -> str:
         if guess is None:
             raise
         return guess
+
+
+def _as_lora(item, allow_pickle: bool = False, family: str | None = None) -> Lora:
+    return item if isinstance(item, Lora) else load(item, allow_pickle=allow_pickle, family=family)
+
+
+def resize(lora, *, rank: int | None = None, dynamic: str | None = None, max_rank: int | None = None,
+           lossy_rank: int | None = None, device: str = "auto", dtype: str | None = None):
+    """Reduce every module to its best rank-k approximation, in factor space (a Lora or a path).
+
+    Returns ``(Lora, report)``; write the result with ``loratools.save``.
+
+    Example:
+        >>> small, report = loratools.resize("style.safetensors", rank=16)
+        >>> loratools.save(small, "style.r16.safetensors")
+    """
+    from loratools.ops.resize import resize as _resize
+
+    return _resize(_as_lora(lora), rank=rank, dynamic=dynamic, max_rank=max_rank, lossy_rank=lossy_rank,
+                   device=device, dtype=dtype)
+
+
+def merge(items, *, method: str = "concat", rank: int | None = None, dynamic: str | None = None,
+          max_rank: int | None = None, lossy_rank: int | None = None, device: str = "auto",
+          allow_mixed_families: bool = False, dtype: str | None = None):
+    """Combine LoRAs with weights: ``items`` is a list of ``(lora_or_path, weight)`` (or bare LoRAs, weight 1).
+
+    ``method="concat"`` is exact (factors stacked along rank); ``"svd"`` then truncates optimally to
+    ``rank``/``dynamic``. Returns ``(Lora, report)``.
+
+    Example:
+        >>> merged, report = loratools.merge([("a.safetensors", 0.7), ("b.safetensors", 0.3)])
+        >>> loratools.save(merged, "ab.safetensors")
+    """
+    from loratools.ops.merge import merge as _merge
+
+    pairs = [(it, 1.0) if not isinstance(it, tuple) else it for it in items]
+    loaded = [(_as_lora(x), w) for x, w in pairs]
+    return _merge(loaded, method=method, rank=rank, dynamic=dynamic, max_rank=max_rank, lossy_rank=lossy_rank,
+                  device=device, allow_mixed_families=allow_mixed_families, dtype=dtype)

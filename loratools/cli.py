@@ -85,6 +85,16 @@ from loratools.cli_convert import convert, verify  # noqa: E402
 cli.add_command(convert)
 cli.add_command(verify)
 
+from loratools.cli_ops import merge, resize  # noqa: E402
+
+cli.add_command(resize)
+cli.add_command(merge)
+
+from loratools.cli_bake import bake, extract  # noqa: E402
+
+cli.add_command(bake)
+cli.add_command(extract)
+
 
 def main() -> None:
     try:

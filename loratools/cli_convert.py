@@ -18,10 +18,10 @@ def _one(args: tuple) -> dict:
     """Convert one path (runs in a worker process with --jobs)."""
     from loratools import api
 
-    path, to, output, family, dtype, overwrite, allow_pickle, many = args
+    path, to, output, family, dtype, overwrite, allow_pickle, many, lossy_rank = args
     try:
         r = api.convert(path, to, output, family=family, dtype=dtype, overwrite=overwrite,
-                        allow_pickle=allow_pickle, many=many)
+                        allow_pickle=allow_pickle, many=many, lossy_rank=lossy_rank)
         return {"ok": True, **asdict(r)}
     except LoraToolsError as exc:
         return {"ok": False, "path": path, "error": exc.message}
@@ -37,9 +37,11 @@ def _one(args: tuple) -> dict:
 @click.option("--jobs", "-j", default=1, show_default=True, help="Worker processes for many files.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs (otherwise they are refused).")
 @click.option("--allow-pickle", is_flag=True, help="Load .ckpt/.pt/.bin with torch.load(weights_only=True).")
+@click.option("--lossy-rank", type=int, default=None,
+              help="Turn LoHa/LoKr/full-diff modules into rank-N LoRA (a lossy SVD; the error is reported).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @click.pass_context
-def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle, as_json) -> None:
+def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle, lossy_rank, as_json) -> None:
     """Rewrite LoRAs between kohya, diffusers, PEFT and comfy naming with the same numerical effect.
 
     PATHS are files, PEFT folders, globs expanded by the shell, or folders (searched recursively).
@@ -57,7 +59,7 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
 
     files = expand_paths(paths)
     many = len(files) > 1
-    work = [(f, to, output, family, dtype, overwrite, allow_pickle, many) for f in files]
+    work = [(f, to, output, family, dtype, overwrite, allow_pickle, many, lossy_rank) for f in files]
     results = _run(work, jobs, show=not as_json and sys.stderr.isatty())
     failed = [r for r in results if not r["ok"]]
     for r in failed:

@@ -65,6 +65,8 @@ def print_inspect(info: dict, top: int = 20, console: Console | None = None) -> 
     if fam.get("reason"):
         grid.add_row("", Text(fam["reason"], style="yellow"))
     for claim in fam.get("metadata_claims", []):
+        if claim.get("agrees") is True:
+            continue  # already among the evidence
         verdict = {True: "agrees", False: "DISAGREES", None: "unchecked"}[claim.get("agrees")]
         grid.add_row("", Text(f"metadata {claim['key']}={claim['value']!r} {verdict}",
                               style="red" if claim.get("agrees") is False else "dim"))
@@ -194,3 +196,23 @@ def print_verify(r: dict, console: Console | None = None) -> None:
     verdict = "EQUAL" if r["equal"] else "DIFFERENT"
     c.print(Text(f"{verdict}: max relative error {r['max_rel_error']:.3g} (rtol {r['rtol']:g})",
                  style="bold green" if r["equal"] else "bold red"))
+
+
+def print_lowrank(report: dict, operation: str, console: Console | None = None) -> None:
+    """The resize/merge report: the modules that lost the most, then the summary."""
+    c = console or _console
+    rows = [m for m in report["modules"] if m.get("retained") is not None]
+    rows.sort(key=lambda m: m["retained"])
+    t = Table(title=f"{operation}: lowest retained energy", title_justify="left")
+    for col in ("module", "rank", "retained", "rel. error"):
+        t.add_column(col, justify="left" if col == "module" else "right")
+    for m in rows[:10]:
+        old = m.get("old_rank", m.get("ranks"))
+        new = m.get("new_rank", m.get("rank"))
+        t.add_row(m["name"], f"{old} -> {new}", f"{m['retained']:.6f}", f"{m.get('error') or 0:.3g}")
+    c.print(t)
+    s = report["summary"]
+    c.print(f"{s.get('modules')} modules; retained energy mean {s.get('retained_mean')}, min {s.get('retained_min')}; "
+            f"{s.get('bytes_before')} -> {s.get('bytes_after')} bytes; written {report['output']} ({report['format']})")
+    for w in report.get("warnings", []):
+        c.print(Text(f"warning: {w}", style="yellow"))

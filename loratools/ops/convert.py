@@ -67,7 +67,7 @@ def output_metadata(lora: Lora, family: str, table, to: str, operation: str = "c
 
 
 def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, dtype: str | None = None,
-                 overwrite: bool = False) -> ConvertResult:
+                 overwrite: bool = False, operation: str = "convert") -> ConvertResult:
     """Write ``lora`` as format ``to`` at ``dest``. Raises LoraToolsError (nothing written) on bad input."""
     if to not in TARGETS:
         raise LoraToolsError(f"unknown target format '{to}' (choose from {', '.join(TARGETS)})")
@@ -79,12 +79,17 @@ def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, 
     table = naming_table(fid)
     pairs = canonicalize(lora, table)
     mods = plan(pairs, table, target_naming(table, to))
-    meta = output_metadata(lora, fid, table, to)
+    meta = output_metadata(lora, fid, table, to, operation)
     dest.parent.mkdir(parents=True, exist_ok=True)
     files = write_target(mods, table, to, dest, meta, dtype=dtype, overwrite=overwrite,
                          model_prefix=model_prefix(fid))
     return ConvertResult(lora.path, str(dest), lora.format, to, fid, len(lora.modules), len(mods),
                          [str(f) for f in files], list(lora.warnings), time.perf_counter() - start)
+
+
+# The writable format that keeps a source's naming.
+SAME_FORMAT = {"kohya": "kohya", "lycoris": "kohya", "onetrainer": "kohya", "diffusers": "diffusers",
+               "diffusers_legacy": "diffusers", "peft": "peft", "comfy": "comfy"}
 
 
 def output_path(src: str, to: str, output: str | None, many: bool) -> Path:

@@ -1,10 +1,67 @@
-"""Exact SVD of a low-rank product B @ A without forming it.
+"""Exact SVD of a low-rank product B @ A without forming it, dense SVD for the lossy paths, and rank selection.
 
 With B = Q_B R_B and Aᵀ = Q_A R_A (thin QR), B @ A = Q_B (R_B R_Aᵀ) Q_Aᵀ, so the singular values of
 the m×n product are those of the small r×r core: O((m+n)·r²) instead of O(m·n·min(m, n)).
+Truncating that SVD to k terms is the best rank-k approximation of B @ A (Eckart–Young), so rank
+reduction and SVD merging never need the dense ΔW. Q_B and Q_A stay as Householder reflectors: only the k
+columns kept are ever built, which costs O((m+n)·r·k) rather than forming two full Q's.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
+
+from loratools.errors import UsageError
+
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+# A threshold that a cumulative sum meets exactly in real arithmetic must not be missed by one rounding
+# step of the sum (that would keep one more singular value than the definition says).
+_SLACK = 1e-12
+
+# Randomised SVD pays off only for large matrices and a small target; below this side it is slower.
+_RANDOMISED_MIN_SIDE = 1024
+_OVERSAMPLE = 16
+_POWER_ITERATIONS = 2
+
+
+class FactorSVD:
+    """The SVD of ``up @ down`` kept in factored form: Householder QRs of both factors (Q never formed) and
+    the SVD of the small core. ``s`` is the whole spectrum; :meth:`top` builds only the k columns asked for."""
+
+    def __init__(self, up, down):
+        import torch
+
+        dtype = torch.float64 if up.dtype == torch.float64 else torch.float32
+        up, down = up.to(dtype), down.to(dtype)
+        self._b = torch.geqrf(up)  # up = Q_B R_B, Q_B kept as reflectors
+        self._a = torch.geqrf(down.T)  # downᵀ = Q_A R_A
+        r_b = self._b[0][: min(up.shape)].triu()
+        r_a = self._a[0][: min(down.shape)].triu()
+        self._u, self.s, self._vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+
+    @staticmethod
+    def _apply_q(qr, small):
+        """Q @ [small; 0] without forming Q: O(rows·r·k) instead of O(rows·r²) for Q itself."""
+        import torch
+
+        reflectors, tau = qr
+        padded = small.new_zeros(reflectors.shape[0], small.shape[1])
+        padded[: small.shape[0]] = small
+        return torch.ormqr(reflectors, tau, padded)
+
+    def top(self, k: int):
+        """``(B', A')`` of the top ``k`` terms, B' = U√S and A' = √S·Vᵀ: balanced, so fp16/bf16 storage keeps
+        its range; B'·A' is the best rank-k approximation of ``up @ down`` (Eckart–Young)."""
+        root = self.s[:k].clamp_min(0).sqrt()
+        return self.left(self._u[:, :k] * root), self.right(self._vh[:k].T * root).T
+
+    def left(self, small):
+        return self._apply_q(self._b, small)
+
+    def right(self, small):
+        return self._apply_q(self._a, small)
 
 
 def factor_svd(up, down, compute_uv: bool = True):
@@ -13,17 +70,10 @@ def factor_svd(up, down, compute_uv: bool = True):
     Returns ``(U, S, Vh)`` with U [m, k], S [k], Vh [k, n], k = min(r, m, n); only ``S`` when
     ``compute_uv`` is False. Computed in float64 when the inputs are float64, else float32.
     """
-    import torch
-
-    dtype = torch.float64 if up.dtype == torch.float64 else torch.float32
-    up, down = up.to(dtype), down.to(dtype)
-    q_b, r_b = torch.linalg.qr(up)
-    q_a, r_a = torch.linalg.qr(down.T)
-    core = r_b @ r_a.T
+    svd = FactorSVD(up, down)
     if not compute_uv:
-        return torch.linalg.svdvals(core)
-    u_c, s, vh_c = torch.linalg.svd(core, full_matrices=False)
-    return q_b @ u_c, s, vh_c @ q_a.T
+        return svd.s
+    return svd.left(svd._u), svd.s, svd.right(svd._vh.T).T
 
 
 def effective_rank(s) -> float:
@@ -36,3 +86,133 @@ def effective_rank(s) -> float:
     p = s / total
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def resolve_device(device: object = "auto"):
+    """``"auto"`` (CUDA when torch sees one, else CPU), ``"cpu"`` or ``"cuda[:N]"`` as a torch.device."""
+    import torch
+
+    name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError("CUDA was requested but torch sees no CUDA device")
+        return torch.device(name)
+    raise UsageError(f"unknown device {device!r}: use auto, cpu or cuda")
+
+
+def compute_dtype(*tensors):
+    """float64 when an input is float64 (exact tests), else float32 whatever the storage (fp16 SVD is unstable)."""
+    import torch
+
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def dense_svd(mat, k: int | None = None):
+    """Thin SVD of a dense 2-D matrix, cut to its top ``k`` terms when ``k`` is given.
+
+    Large matrices with a small target use a randomised range finder with oversampling and power
+    iterations; the top-k terms it returns are still an orthogonal projection of ``mat``, so
+    ‖mat‖² − Σ S² is exactly the squared error of the truncation.
+    """
+    import torch
+
+    side = min(mat.shape)
+    if k is not None and side > _RANDOMISED_MIN_SIDE and 4 * (k + _OVERSAMPLE) <= side:
+        u, s, v = torch.svd_lowrank(mat, q=k + _OVERSAMPLE, niter=_POWER_ITERATIONS)
+        return u[:, :k], s[:k], v[:, :k].T
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    if k is None:
+        return u, s, vh
+    return u[:, :k], s[:k], vh[:k]
+
+
+def split_factors(u, s, vh, k: int):
+    """New factors B = U√S, A = √S·Vᵀ of the top ``k`` terms (balanced, so fp16/bf16 storage keeps its range)."""
+    root = s[:k].clamp_min(0).sqrt()
+    return u[:, :k] * root, root[:, None] * vh[:k]
+
+
+def truncation(s, k: int, total: float | None = None, residual: float = 0.0) -> tuple[float, float]:
+    """(retained fraction of ‖ΔW‖², relative Frobenius error) when the top ``k`` of ``s`` are kept.
+
+    ``s`` may be only the top of the spectrum of ΔW (a lossy conversion): then ``total`` is ‖ΔW‖² and
+    ``residual`` the squared error already made, orthogonal to what ``s`` describes, so errors add in squares.
+    """
+    sq = [float(x) ** 2 for x in s.double().cpu()]
+    kept = math.fsum(sq[:k])
+    dropped = math.fsum(sq[k:]) + residual
+    whole = kept + dropped if total is None else total
+    if whole <= 0:
+        return 1.0, 0.0
+    return min(kept / whole, 1.0), math.sqrt(min(dropped / whole, 1.0))
+
+
+def parse_dynamic(text: object) -> tuple[str, float]:
+    """``"sv_fro:0.9"`` -> ``("sv_fro", 0.9)``, checked; a ``(method, value)`` pair is checked too."""
+    if isinstance(text, (tuple, list)) and len(text) == 2:
+        method, raw = str(text[0]), text[1]
+    else:
+        method, sep, raw = str(text).partition(":")
+        if not sep:
+            raise UsageError(f"dynamic rank must be METHOD:VALUE (sv_ratio, sv_fro or sv_cumulative), got {text!r}")
+    method = method.strip()
+    if method not in DYNAMIC_METHODS:
+        raise UsageError(f"unknown dynamic method {method!r}: use sv_ratio, sv_fro or sv_cumulative")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise UsageError(f"{method} needs a number, got {raw!r}") from None
+    if method == "sv_ratio":
+        if not (math.isfinite(value) and value > 1):
+            raise UsageError(f"sv_ratio needs a value above 1 (largest/smallest kept singular value), got {raw}")
+    elif not (0 < value <= 1):
+        raise UsageError(f"{method} needs a value in (0, 1], got {raw}")
+    return method, value
+
+
+def check_rank(value: object, what: str = "rank") -> int | None:
+    """A positive integer rank option, or None when not given."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise UsageError(f"{what} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def select_rank(s, *, rank: int | None = None, dynamic: tuple[str, float] | None = None,
+                max_rank: int | None = None) -> int:
+    """How many of the descending singular values ``s`` to keep: ``rank``, or the dynamic rule, capped.
+
+    The dynamic rules keep the smallest k their definition allows (sd-scripts keeps one more):
+    ``sv_ratio`` keeps σᵢ ≥ σ₁/V; ``sv_fro`` the smallest k with Σᵢ≤k σᵢ²/Σσ² ≥ V; ``sv_cumulative`` the
+    smallest k with Σᵢ≤k σᵢ/Σσ ≥ V. The result is at least 1 and at most len(s).
+    """
+    vals = [float(x) for x in s.double().cpu()]
+    if not vals:
+        return 1
+    k = len(vals) if rank is None else rank
+    if dynamic is not None:
+        k = _dynamic_k(vals, *dynamic)
+    if max_rank is not None:
+        k = min(k, max_rank)
+    return max(1, min(k, len(vals)))
+
+
+def _dynamic_k(vals: list[float], method: str, value: float) -> int:
+    if vals[0] <= 0:
+        return 1  # a zero ΔW: one (zero) term keeps the module present
+    if method == "sv_ratio":
+        # σᵢ·V ≥ σ₁ rather than σᵢ ≥ σ₁/V: no division rounding at the boundary
+        return sum(1 for v in vals if v * value >= vals[0] * (1 - _SLACK))
+    terms = [v * v for v in vals] if method == "sv_fro" else vals
+    goal = value * math.fsum(terms) * (1 - _SLACK)
+    acc = 0.0
+    for i, t in enumerate(terms):
+        acc += t
+        if acc >= goal:
+            return i + 1
+    return len(terms)

@@ -1,0 +1,116 @@
+"""bake a rank-64 SDXL kohya LoRA into an SDXL-shaped fp16 checkpoint (real SGM layout, ~6.9 GB with text
+encoders), next to `cp` of the checkpoint and the load-everything-merge-save approach.
+
+    python benchmarks/bench_bake.py [--fraction 1.0] [--rank 64]
+
+``--fraction F`` keeps that share of the checkpoint's tensors (every k-th key) for quick runs; LoRA modules
+whose weight is left out are skipped by both bakers. Each variant runs in its own process and peak RSS is
+that child's ru_maxrss (os.wait4). Targets from the issue: within 1.5x of cp, peak RSS < 1.5 GB at any size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from common import ROOT, table, write_sdxl_kohya
+
+from loratools.io.safetensors import write_safetensors
+
+LAYOUT = ROOT / "fixtures" / "checkpoints" / "sdxl__sgm__sdmecha.json"
+
+# The approach most merge scripts take: every tensor in memory, patch, save (mapping from loratools' planner,
+# so only the memory/time behaviour differs).
+BASELINE = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+import loratools
+from loratools.io.checkpoints import open_base
+from loratools.ops.bake import apply_bias, apply_weight, plan_patches
+from loratools.ops.convert import family_of
+base_path, lora_path, out = sys.argv[1:4]
+lora = loratools.load(lora_path)
+with open_base(base_path) as base:
+    patches, _, _ = plan_patches(base, [(lora, 1.0, family_of(lora, None))], True)
+sd = load_file(base_path)
+for key, todo in patches.items():
+    w = sd[key].float()
+    for p in todo:
+        (apply_bias if p.bias else apply_weight)(w, p, torch.device("cpu"))
+    sd[key] = w.to(sd[key].dtype)
+save_file(sd, out)
+"""
+
+
+def write_base(path: Path, fraction: float) -> int:
+    """The SGM checkpoint in fp16 (ints stay ints), random values, one tensor at a time; returns its size."""
+    tensors = json.loads(LAYOUT.read_text())["tensors"]
+    step = max(1, round(1 / fraction))
+    rng = np.random.default_rng(0)
+    items = []
+    for i, (key, t) in enumerate(tensors.items()):
+        if i % step:
+            continue
+        dtype = "F16" if t["dtype"].startswith("F") else t["dtype"]
+        shape = tuple(t["shape"])
+
+        def make(shape=shape, dtype=dtype):
+            if dtype != "F16":
+                return np.zeros(shape, dtype=np.int64)
+            return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
+
+        items.append((key, dtype, shape, make))
+    write_safetensors(path, items, {}, overwrite=True)
+    return path.stat().st_size
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    if status != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fraction", type=float, default=1.0, help="share of the checkpoint's tensors to keep")
+    ap.add_argument("--rank", type=int, default=64)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
+        tmp = Path(tmp)
+        size = write_base(tmp / "base.safetensors", args.fraction)
+        write_sdxl_kohya(tmp / "lora.safetensors", rank=args.rank)
+        rows = []
+        variants = {
+            "cp": ["cp", str(tmp / "base.safetensors"), str(tmp / "cp.safetensors")],
+            "loratools bake": [sys.executable, "-m", "loratools", "bake", str(tmp / "base.safetensors"),
+                               str(tmp / "lora.safetensors"), "-o", str(tmp / "baked.safetensors"), "--device", "cpu",
+                               "--allow-unmatched"],
+            "load all, merge, save": [sys.executable, "-c", BASELINE, str(tmp / "base.safetensors"),
+                                      str(tmp / "lora.safetensors"), str(tmp / "naive.safetensors")],
+        }
+        for name, cmd in variants.items():
+            wall, rss = run(cmd)
+            rows.append([name, f"{wall:.2f}", f"{rss:.0f}"])
+            for f in tmp.glob("[cbn]*.safetensors"):
+                if f.name != "base.safetensors":
+                    f.unlink()  # keep the disk footprint at two checkpoints
+        cp = float(rows[0][1])
+        for r in rows:
+            r.append(f"{float(r[1]) / cp:.2f}")
+        print(f"SDXL-shaped checkpoint {size / 1e9:.2f} GB (fraction {args.fraction}), kohya LoRA rank {args.rank}")
+        print(table(rows, ["variant", "wall s", "peak RSS MB", "x cp"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""Base-model checkpoints: which file holds which weight, and where a LoRA module lands in it.
+
+A base is a single safetensors file (original layouts: LDM ``model.diffusion_model.``/``cond_stage_model.``,
+SGM ``conditioner.embedders.N.``, SAI SD3, BFL Flux with or without prefix, ComfyUI bundles with
+``text_encoders.*``; or one diffusers component file) or a diffusers model folder (``unet/``,
+``transformer/``, ``text_encoder*/``, shards with ``*.safetensors.index.json``). Every tensor gets a
+qualified key: its name in a single file, ``<component>/<name>`` in a folder. Which layout a base uses is
+decided by which candidate keys exist, so no layout has to be declared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+from loratools.errors import FormatError
+from loratools.families.naming import DIFFUSERS, NATIVE
+from loratools.io.safetensors import Header, SafetensorsFile
+
+MODEL_NATIVE_PREFIXES = ("model.diffusion_model.", "")
+MODEL_DIFFUSERS_PREFIXES = ("unet/", "transformer/", "")
+# Where each text encoder lives in original single files (HF naming under these prefixes).
+HF_ENCODER_PREFIXES = {
+    "clip_l": ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.",
+               "text_encoders.clip_l.transformer."),
+    "clip_g": ("text_encoders.clip_g.transformer.",),
+    "openclip_h": (),
+    "t5": ("text_encoders.t5xxl.transformer.",),
+}
+# OpenCLIP layout (SD2 OpenCLIP-H, SDXL bigG): q/k/v are row thirds of one in_proj weight.
+OPENCLIP_PREFIXES = {"clip_g": ("conditioner.embedders.1.model.", "conditioner.embedders.0.model."),
+                     "openclip_h": ("cond_stage_model.model.",)}
+_OPENCLIP_MLP = {"fc1": "c_fc", "fc2": "c_proj"}
+
+# Families whose original checkpoints carry these keys (the base's own evidence, for error messages).
+_FAMILY_KEYS = (("flux1", "double_blocks.0.img_attn.norm.key_norm.scale"),
+                ("sd35_large", "joint_blocks.37.x_block.mlp.fc1.weight"),
+                ("sd3", "joint_blocks.0.context_block.adaLN_modulation.1.bias"),
+                ("sdxl", "conditioner.embedders.1.model.transformer.resblocks.9.mlp.c_proj.bias"),
+                ("sdxl_refiner", "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.bias"),
+                ("sd2", "input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"),
+                ("sd1", "output_blocks.11.0.skip_connection.weight"))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where (part of) a module's ΔW goes: ``key`` rows ``rows`` (None = all) receive ΔW rows ``src``."""
+
+    key: str
+    bias_key: str | None
+    rows: tuple[int, int] | None
+    src: tuple[int, int] | None
+    naming: str  # the naming the base spells this weight in (decides half swaps)
+    transpose: bool = False
+
+
+@dataclass
+class BaseFile:
+    rel: str  # path relative to the base ('' for a single-file base)
+    component: str
+    sf: SafetensorsFile
+
+    @property
+    def header(self) -> Header:
+        return self.sf.header
+
+
+class Base:
+    """A base checkpoint opened for reading: its files, and every tensor by qualified key."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        self.is_folder = os.path.isdir(self.path)
+        self.files: list[BaseFile] = []
+        self.indexes: list[str] = []  # rel paths of *.safetensors.index.json
+        self.others: list[str] = []  # rel paths of files copied as they are (configs, tokenizers)
+        if self.is_folder:
+            self._scan()
+        else:
+            self.files.append(BaseFile("", "", SafetensorsFile(self.path)))
+        self.keys: dict[str, tuple[BaseFile, str]] = {}
+        for f in self.files:
+            for name in f.header.tensors:
+                self.keys[f"{f.component}/{name}" if f.component else name] = (f, name)
+        if not self.keys:
+            raise FormatError("the base holds no tensors", self.path)
+
+    def _scan(self) -> None:
+        for root, dirs, names in os.walk(self.path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                rel = os.path.relpath(full, self.path)
+                if name.endswith(".safetensors"):
+                    component = os.path.relpath(root, self.path)
+                    self.files.append(BaseFile(rel, "" if component == "." else component, SafetensorsFile(full)))
+                elif name.endswith(".safetensors.index.json"):
+                    self.indexes.append(rel)
+                elif not name.startswith("."):
+                    self.others.append(rel)
+        if not self.files:
+            raise FormatError("no .safetensors files in the base folder", self.path)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        f, name = self.keys[key]
+        return f.header.tensors[name].shape
+
+    def family_guess(self) -> str | None:
+        names = {name for _, name in self.keys.values()}
+        for fid, key in _FAMILY_KEYS:
+            if any(p + key in names for p in ("model.diffusion_model.", "")):
+                return fid
+        return None
+
+    def close(self) -> None:
+        for f in self.files:
+            f.sf.close()
+
+    def __enter__(self) -> Base:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- locating modules ---------------------------------------------------------------------------------
+
+    def locate(self, table, canon, out_dim: int, bounds) -> list[Placement]:
+        """The placements of one canonical module; [] when the base lacks it.
+
+        ``out_dim`` is the row count of the module's ΔW; ``bounds(sizes, in_dim, out_dim, name)`` gives the
+        row ranges of a fused weight's parts (the naming tables' rule, shared with conversion).
+        """
+        if canon.space == "model":
+            return self._model(table, canon, out_dim, bounds)
+        return self._encoder(table, canon)
+
+    def _has(self, key: str) -> bool:
+        return key in self.keys
+
+    def _model(self, table, canon, out_dim: int, _bounds) -> list[Placement]:
+        rule = table.rule("model", canon.native)
+        for prefix in MODEL_NATIVE_PREFIXES:
+            key = prefix + canon.native + ".weight"
+            if self._has(key):
+                rows = None
+                if canon.part is not None:
+                    shape = self.shape(key)
+                    rows = _bounds(rule.sizes, shape[1], shape[0], canon.native)[canon.part.index]
+                return [self._placement(prefix + canon.native, rows, None, NATIVE)]
+        for prefix in MODEL_DIFFUSERS_PREFIXES:
+            if canon.part is not None:
+                stem = prefix + rule.diffusers[canon.part.index]
+                if self._has(stem + ".weight"):
+                    return [self._placement(stem, None, None, DIFFUSERS)]
+                continue
+            stems = [prefix + d for d in rule.diffusers]
+            if not all(self._has(s + ".weight") for s in stems):
+                continue
+            if len(stems) == 1:
+                return [self._placement(stems[0], None, None, DIFFUSERS)]
+            in_dim = self.shape(stems[0] + ".weight")[1]
+            bounds = _bounds(rule.sizes, in_dim, out_dim, canon.native)
+            return [self._placement(s, None, b, DIFFUSERS) for s, b in zip(stems, bounds)]
+        return []
+
+    def _encoder(self, table, canon) -> list[Placement]:
+        kind, path = canon.space, canon.native
+        slot = table.encoders.get(kind, {}).get("diffusers")
+        prefixes = HF_ENCODER_PREFIXES.get(kind, ()) + ((slot + "/",) if slot else ()) + ("",)
+        for prefix in prefixes:
+            stem = prefix + path
+            if self._has(stem + ".weight"):
+                return [self._placement(stem, None, None, NATIVE)]
+        for prefix in OPENCLIP_PREFIXES.get(kind, ()):
+            hit = self._openclip(prefix, path)
+            if hit:
+                return [hit]
+        return []
+
+    def _openclip(self, prefix: str, path: str) -> Placement | None:
+        """An HF CLIP module path in the OpenCLIP layout (fused in_proj, transposed text_projection)."""
+        if path == "text_projection":
+            key = prefix + "text_projection"
+            return Placement(key, None, None, None, NATIVE, transpose=True) if self._has(key) else None
+        parts = path.split(".")
+        if len(parts) != 6 or parts[:3] != ["text_model", "encoder", "layers"]:
+            return None
+        block = f"{prefix}transformer.resblocks.{parts[3]}."
+        group, name = parts[4], parts[5]
+        if group == "self_attn" and name in ("q_proj", "k_proj", "v_proj"):
+            key = block + "attn.in_proj_weight"
+            if not self._has(key):
+                return None
+            width = self.shape(key)[1]
+            k = ("q_proj", "k_proj", "v_proj").index(name)
+            bias = block + "attn.in_proj_bias"
+            return Placement(key, bias if self._has(bias) else None, (k * width, (k + 1) * width), None, NATIVE)
+        if group == "self_attn" and name == "out_proj":
+            stem = block + "attn.out_proj"
+        elif group == "mlp" and name in _OPENCLIP_MLP:
+            stem = block + "mlp." + _OPENCLIP_MLP[name]
+        else:
+            return None
+        return self._placement(stem, None, None, NATIVE) if self._has(stem + ".weight") else None
+
+    def _placement(self, stem: str, rows, src, naming: str) -> Placement:
+        bias = stem + ".bias"
+        return Placement(stem + ".weight", bias if self._has(bias) else None, rows, src, naming)
+
+
+def openclip_modules(name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, int] | None, bool]]:
+    """The HF CLIP modules an OpenCLIP weight (name after the encoder prefix) holds:
+    [(HF module path, its rows or None, stored transposed)] — the inverse of ``Base._openclip``."""
+    if name == "text_projection":
+        return [("text_projection", None, True)]
+    parts = name.split(".")
+    if len(parts) < 5 or parts[:2] != ["transformer", "resblocks"]:
+        return []
+    layer = f"text_model.encoder.layers.{parts[2]}."
+    if parts[3:] == ["attn", "in_proj_weight"]:
+        width = shape[1]
+        return [(layer + f"self_attn.{p}_proj", (k * width, (k + 1) * width), False) for k, p in enumerate("qkv")]
+    if len(parts) != 6 or parts[5] != "weight":
+        return []
+    if parts[3:5] == ["attn", "out_proj"]:
+        return [(layer + "self_attn.out_proj", None, False)]
+    back = {v: k for k, v in _OPENCLIP_MLP.items()}
+    if parts[3] == "mlp" and parts[4] in back:
+        return [(layer + "mlp." + back[parts[4]], None, False)]
+    return []
+
+
+def open_base(path) -> Base:
+    """Open a base checkpoint (a safetensors file or a diffusers model folder) without reading tensors."""
+    return Base(path)
+
+
+def rewrite_index(src: str, dest: str, sizes: dict[str, int]) -> None:
+    """A shard index with the same weight map and the total size of the rewritten shards."""
+    with open(src, encoding="utf-8") as f:
+        index = json.load(f)
+    index.setdefault("metadata", {})["total_size"] = sum(sizes.values())
+    with open(dest, "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+
+
+
+# --- streaming ------------------------------------------------------------------------------------------------
+
+class _Failed:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class Pipeline:
+    """Reads tensors of one file in order, transforms them, and hands them out in the same order.
+
+    A reader thread (pread, pinned buffers for CUDA) and a compute thread feed bounded queues, so reading,
+    computing and the caller's writing overlap while at most a few tensors are in memory. ``next()`` raises
+    the error of a failed stage; leaving the ``with`` block stops both threads.
+    """
+
+    def __init__(self, device, depth: int = 2):
+        import queue
+
+        self.device = device
+        self.read_q: queue.Queue = queue.Queue(depth)
+        self.done_q: queue.Queue = queue.Queue(depth)
+        self.stopped = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self, sf: SafetensorsFile, jobs: list[tuple[str, Callable | None]]) -> None:
+        """``jobs``: (tensor name, fn(tensor) -> tensor, or None to pass the tensor through untouched)."""
+        pin = getattr(self.device, "type", "cpu") == "cuda"
+        self.threads = [threading.Thread(target=self._read, args=(sf, jobs, pin), daemon=True),
+                        threading.Thread(target=self._compute, args=(len(jobs),), daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def _put(self, q, item) -> bool:
+        import queue
+
+        while not self.stopped.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self, sf, jobs, pin: bool) -> None:
+        try:
+            for name, fn in jobs:
+                t = sf.torch(name)
+                if pin and fn is not None:
+                    t = t.pin_memory()
+                if not self._put(self.read_q, (t, fn)):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(self.read_q, (_Failed(exc), None))
+
+    def _compute(self, count: int) -> None:
+        for _ in range(count):
+            item = self._get(self.read_q)
+            if item is None:
+                return
+            t, fn = item
+            try:
+                out = t if isinstance(t, _Failed) or fn is None else fn(t)
+            except BaseException as exc:
+                out = _Failed(exc)
+            if not self._put(self.done_q, out) or isinstance(out, _Failed):
+                return
+
+    def _get(self, q):
+        import queue
+
+        while not self.stopped.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return None
+
+    def next(self):
+        out = self.done_q.get()
+        if isinstance(out, _Failed):
+            raise out.exc
+        return out
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopped.set()
+        for t in self.threads:
+            t.join()
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)

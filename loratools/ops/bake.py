@@ -1,0 +1,386 @@
+"""Baking LoRAs into a base checkpoint: W' = W + Σ strengthᵢ·sᵢ·ΔWᵢ, streamed tensor by tensor.
+
+Every LoRA module is brought to its canonical identity (family naming tables) and located in the base
+(``io.checkpoints``): a whole weight, a row slice of a fused weight, or several diffusers weights that a
+fused native module splits into. The output header is planned from the base header; tensors are then read,
+patched (float32, on the chosen device) and written one at a time, so memory is bounded by a few tensors,
+not by the checkpoint. ΔW of a module is computed only when its base tensor comes by.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+from loratools.errors import FormatError, LoraToolsError, ShapeMismatch, UsageError
+from loratools.families.naming import naming_table
+from loratools.io.checkpoints import Base, Pipeline, Placement, peak_rss_mb, rewrite_index
+from loratools.model import Lora, Module
+from loratools.ops.canonical import _bounds, _swap, canonicalize
+
+_FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
+_FP8 = {"F8_E4M3", "F8_E5M2"}
+
+
+@dataclass
+class Patch:
+    """One module's contribution to one base tensor (its weight, or its bias when ``bias``)."""
+
+    module: Module
+    strength: float
+    where: Placement
+    swap: bool
+    family: str
+    bias: bool = False
+
+
+@dataclass
+class BakeResult:
+    base: str
+    output: str
+    device: str
+    dtype: str
+    loras: list[dict] = field(default_factory=list)
+    patched_tensors: int = 0
+    copied_tensors: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    peak_rss_mb: float = 0.0
+    unmatched: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def resolve_modules(lora: Lora, table, allow_unmatched: bool):
+    """(canonical pairs, names the family tables lack); the lack is an error unless allowed."""
+    try:
+        return canonicalize(lora, table, lora_only=False), []
+    except FormatError:
+        if not allow_unmatched:
+            raise
+    pairs, missing = [], []
+    for m in lora.modules:  # one at a time, to keep the modules that do resolve
+        try:
+            pairs += canonicalize(replace(lora, modules=[m]), table, lora_only=False)
+        except FormatError:
+            missing.append(f"{m.component}:{m.name}")
+    return pairs, missing
+
+
+def _needs_swap(table, canon, where: Placement, m: Module) -> bool:
+    if canon.space != "model":
+        return False
+    rule = table.rule("model", canon.native)
+    if not rule.swap_halves or canon.naming == where.naming:
+        return False
+    out_dim, in_dim = m.adapter.out_dim or 0, m.adapter.in_dim or 0
+    return rule.swap_halves == "always" or out_dim == 2 * in_dim
+
+
+def plan_patches(base: Base, loras: list[tuple[Lora, float, str]], allow_unmatched: bool):
+    """Base key -> patches in LoRA order, plus the unmatched module names and per-LoRA counts."""
+    patches: dict[str, list[Patch]] = defaultdict(list)
+    unmatched, counts = [], []
+    for lora, strength, fid in loras:
+        table = naming_table(fid)
+        pairs, missing = resolve_modules(lora, table, allow_unmatched)
+        matched = 0
+        for m, c in pairs:
+            places = base.locate(table, c, m.adapter.out_dim or 0, _bounds)
+            if not places:
+                missing.append(f"{m.component}:{m.name}")
+                continue
+            matched += 1
+            for p in places:
+                swap = _needs_swap(table, c, p, m)
+                patches[p.key].append(Patch(m, strength, p, swap, fid))
+                if _bias_of(m) is not None:
+                    if p.bias_key is None:
+                        raise ShapeMismatch(f"module {m.name} adapts a bias but the base has no {p.key[:-7]}.bias",
+                                            lora.path)
+                    patches[p.bias_key].append(Patch(m, strength, p, swap, fid, bias=True))
+        unmatched += [f"{os.path.basename(lora.path)}: {n}" for n in missing]
+        counts.append({"modules": len(lora.modules), "matched": matched, "unmatched": len(missing)})
+    return patches, unmatched, counts
+
+
+def unmatched_error(unmatched: list[str], loras, base: Base) -> FormatError:
+    shown = ", ".join(unmatched[:20]) + (f" and {len(unmatched) - 20} more" if len(unmatched) > 20 else "")
+    fams = sorted({fid for _, _, fid in loras})
+    guess = base.family_guess()
+    if guess and guess not in fams:
+        cause = f"the LoRA is {'/'.join(fams)} but the base looks like {guess}"
+    elif all(": te" in u for u in unmatched):
+        cause = "the base holds no text encoder weights for them (a model-only file?)"
+    else:
+        cause = f"is the base a {'/'.join(fams)} checkpoint?"
+    return FormatError(f"{len(unmatched)} LoRA modules have no weight in the base: {shown} — {cause} "
+                       "(--allow-unmatched skips them)", base.path)
+
+
+# --- the arithmetic -------------------------------------------------------------------------------------------
+
+def _bias_of(m: Module):
+    a = m.adapter
+    if a.has("diff_b"):
+        return a.t("diff_b"), False  # absolute
+    if a.has("lora_up_bias"):
+        return a.t("lora_up_bias"), True  # PEFT scales lora_B.bias like the product
+    return None
+
+
+def _module_delta(m: Module, base_view, device):
+    """Dense ΔW (unscaled, float32) on ``device``; plain LoRA products run there, the rest on CPU."""
+    import torch
+
+    a = m.adapter
+    if a.kind == "lora" and not a.has("lora_mid") and device.type != "cpu":
+        up = a.up.torch().to(device, torch.float32)
+        down = a.down.torch().to(device, torch.float32)
+        d = up.flatten(1) @ down.flatten(1)
+        return d.reshape(up.shape[0], *down.shape[1:]) if down.dim() > 2 else d
+    needs_base = a.kind in ("ia3", "oft", "glora")
+    d = a.delta(base=base_view.float().cpu()) if needs_base else a.delta()
+    return d.to(device, torch.float32)
+
+
+def _fit(d, target, p: Patch):
+    """ΔW in the target's shape (a 1x1 conv vs a linear differ only in trailing unit dims)."""
+    if p.where.transpose:
+        d = d.T
+    if tuple(d.shape) != tuple(target.shape):
+        if d.numel() != target.numel():
+            raise ShapeMismatch(f"module {p.module.name} ({p.family}) gives ΔW {list(d.shape)} but base tensor "
+                                f"{p.where.key} has {list(target.shape)} (is the base a {p.family} checkpoint?)")
+        d = d.reshape(target.shape)
+    return d
+
+
+def _rows(x, src):
+    return x if src is None else x[src[0]: src[1]]
+
+
+def apply_weight(w, p: Patch, device) -> None:
+    """Add (or DoRA-renormalise) one module's contribution into ``w`` (float32, in place)."""
+    import torch
+
+    m = p.module
+    target = w if p.where.rows is None else w[p.where.rows[0]: p.where.rows[1]]
+    if _add_product(target, p, device):
+        return
+    d = _module_delta(m, target, device)
+    if p.swap:
+        d = _swap(d)
+    d = _fit(_rows(d, p.where.src), target, p) * m.scale
+    if m.magnitude is None:
+        target.add_(d, alpha=p.strength)
+        return
+    mag = m.magnitude.torch().to(device, torch.float32)
+    if m.dora_axis == "row":
+        mag = _rows(_swap(mag.reshape(-1)) if p.swap else mag.reshape(-1), p.where.src)
+    elif p.where.src is not None:
+        raise UsageError(f"module {m.name}: a column-wise DoRA module cannot be split over several base weights")
+    target.copy_(dora(target, d, mag, m.dora_axis, p.strength))
+
+
+def _add_product(target, p: Patch, device) -> bool:
+    """W += t·s·B@A as one fused multiply-add (no dense ΔW, no extra passes) for plain LoRA factors."""
+    import torch
+
+    m, a = p.module, p.module.adapter
+    if a.kind != "lora" or a.has("lora_mid") or m.magnitude is not None or p.where.transpose:
+        return False
+    up = a.up.torch().to(device, torch.float32).flatten(1)
+    down = a.down.torch().to(device, torch.float32).flatten(1)
+    if p.swap:
+        up = _swap(up)
+    up = _rows(up, p.where.src)
+    if up.shape[0] != target.shape[0] or up.shape[0] * down.shape[1] != target.numel():
+        return False  # the general path reshapes or explains the mismatch
+    target.view(target.shape[0], -1).addmm_(up, down, alpha=p.strength * m.scale)
+    return True
+
+
+def dora(w, d, mag, axis: str, strength: float):
+    """m ⊙ (W + ΔW)/‖W + ΔW‖ along ``axis`` ('row': per output row; 'column': per input column); a strength
+    t blends the result with W (W + t·(W' − W)), so t = 1 is exactly PEFT's merged DoRA weight."""
+    merged = w + d
+    if axis == "row":
+        norm = merged.reshape(merged.shape[0], -1).norm(dim=1).reshape(-1, *([1] * (w.dim() - 1)))
+        scale = mag.reshape(norm.shape)
+    else:
+        dims = [i for i in range(w.dim()) if i != 1]
+        norm = merged.norm(dim=dims, keepdim=True)
+        scale = mag.reshape(-1).reshape(norm.shape)
+    out = merged * (scale / norm.clamp_min(1e-12))
+    return w + strength * (out - w) if strength != 1 else out
+
+
+def apply_bias(b, p: Patch, device) -> None:
+    import torch
+
+    ref, scaled = _bias_of(p.module)
+    v = ref.torch().to(device, torch.float32).reshape(-1) * (p.module.scale if scaled else 1.0)
+    if p.swap:
+        v = _swap(v)
+    v = _rows(v, p.where.src)
+    target = b if p.where.rows is None else b[p.where.rows[0]: p.where.rows[1]]
+    if v.numel() != target.numel():
+        raise ShapeMismatch(f"module {p.module.name} ({p.family}) has a bias of {v.numel()} but {p.where.bias_key} "
+                            f"has {target.numel()}")
+    target.add_(v.reshape(target.shape), alpha=p.strength)
+
+
+def patch_tensor(w, patches: list[Patch], device, out_dtype):
+    """The patched tensor, computed in float32 on ``device`` and cast once to ``out_dtype`` (on CPU)."""
+    import torch
+
+    x = w.to(device, non_blocking=True).to(torch.float32)
+    for p in patches:
+        apply_bias(x, p, device) if p.bias else apply_weight(x, p, device)
+    return x.to(out_dtype).cpu()
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+
+def out_dtype_name(dtype: str, wanted: str | None) -> str:
+    return wanted if wanted and dtype in _FLOATS else dtype
+
+
+def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline):
+    """(name, dtype, shape, callable) in base order; the callables pull results from the pipeline."""
+    import torch
+
+    from loratools.io.safetensors import TORCH_DTYPES
+
+    jobs, items = [], []
+    for name, info in bf.header.tensors.items():
+        key = f"{bf.component}/{name}" if bf.component else name
+        todo = patches.get(key, [])
+        dtype = out_dtype_name(info.dtype, wanted)
+        if todo and info.dtype in _FP8 and dtype == info.dtype:
+            result.warnings.append(f"{key}: patched in fp8; rounding to 8 bits loses much of a small ΔW "
+                                   "(--dtype bf16 keeps it)")
+        torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+        if todo:
+            jobs.append((name, lambda w, t=todo, d=torch_dtype: patch_tensor(w, t, device, d)))
+            result.patched_tensors += 1
+        elif dtype != info.dtype:
+            jobs.append((name, lambda w, d=torch_dtype: w.to(d)))
+            result.copied_tensors += 1
+        else:
+            jobs.append((name, None))  # byte for byte
+            result.copied_tensors += 1
+        items.append((name, dtype, info.shape, pipe.next))
+        result.bytes_written += info.numel * _size(dtype)
+    pipe.start(bf.sf, jobs)
+    return items
+
+
+def _size(dtype: str) -> int:
+    from loratools.io.safetensors import DTYPE_SIZES
+
+    return DTYPE_SIZES[dtype]
+
+
+def write_baked(base: Base, patches, output: str, metadata: dict, *, device, wanted, overwrite: bool,
+                result: BakeResult) -> None:
+    """Write the patched base at ``output`` (a file, or a folder mirroring a folder base), atomically."""
+    from loratools.io.safetensors import write_safetensors
+
+    if not base.is_folder:
+        with Pipeline(device) as pipe:
+            items = _file_items(base.files[0], patches, device, wanted, result, pipe)
+            write_safetensors(output, items, {**base.files[0].header.metadata, **metadata}, overwrite=overwrite)
+        return
+    if os.path.lexists(output) and not overwrite:
+        raise LoraToolsError("output exists; pass --overwrite to replace it", output)
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(output)) + ".", dir=parent)
+    try:
+        _write_folder(base, patches, tmp, metadata, device, wanted, result)
+        _replace_folder(tmp, output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_folder(base: Base, patches, tmp: str, metadata: dict, device, wanted, result) -> None:
+    from loratools.io.safetensors import write_safetensors
+
+    sizes: dict[str, int] = {}
+    for bf in base.files:
+        dest = os.path.join(tmp, bf.rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        before = result.bytes_written
+        if _untouched(bf, patches, wanted):  # a component no LoRA adapts: the file as it is
+            shutil.copyfile(os.path.join(base.path, bf.rel), dest)
+            result.copied_tensors += len(bf.header.tensors)
+            result.bytes_written += sum(i.nbytes for i in bf.header.tensors.values())
+            sizes[bf.rel] = result.bytes_written - before
+            continue
+        with Pipeline(device) as pipe:
+            items = _file_items(bf, patches, device, wanted, result, pipe)
+            write_safetensors(dest, items, {**bf.header.metadata, **metadata})
+        sizes[bf.rel] = result.bytes_written - before
+    for rel in base.indexes:
+        folder = os.path.dirname(rel)
+        shard_sizes = {r: n for r, n in sizes.items() if os.path.dirname(r) == folder}
+        rewrite_index(os.path.join(base.path, rel), os.path.join(tmp, rel), shard_sizes)
+    for rel in base.others:
+        dest = os.path.join(tmp, rel)
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        shutil.copyfile(os.path.join(base.path, rel), dest)
+
+
+def _untouched(bf, patches, wanted) -> bool:
+    prefix = f"{bf.component}/" if bf.component else ""
+    casts = wanted and any(i.dtype in _FLOATS and i.dtype != wanted for i in bf.header.tensors.values())
+    return not casts and not any(prefix + name in patches for name in bf.header.tensors)
+
+
+def _replace_folder(tmp: str, output: str) -> None:
+    """Move the finished folder into place; an old output is moved aside first and removed after."""
+    old = None
+    if os.path.lexists(output):
+        old = tempfile.mkdtemp(prefix=".old.", dir=os.path.dirname(os.path.abspath(output)))
+        os.rename(output, os.path.join(old, "x"))
+    os.rename(tmp, output)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def bake_loras(base: Base, loras: list[tuple[Lora, float, str]], output: str, *, dtype: str | None = None,
+               device="auto", allow_unmatched: bool = False, overwrite: bool = False,
+               provenance: list[dict] | None = None) -> BakeResult:
+    """Bake ``loras`` ((Lora, strength, family id) in order) into ``base`` and write ``output``."""
+    from loratools import __version__
+    from loratools.ops.lowrank import resolve_device
+
+    start = time.perf_counter()
+    dev = resolve_device(device)
+    if os.path.abspath(output) == os.path.abspath(base.path):
+        raise UsageError("the output would replace the base; choose another path", output)
+    if os.path.lexists(output) and not overwrite:
+        raise LoraToolsError("output exists; pass --overwrite to replace it", output)
+    patches, unmatched, counts = plan_patches(base, loras, allow_unmatched)
+    if unmatched and not allow_unmatched:
+        raise unmatched_error(unmatched, loras, base)
+    result = BakeResult(base.path, output, str(dev), dtype or "keep", unmatched=unmatched)
+    provenance = provenance or [{"file": os.path.basename(l.path), "strength": s} for l, s, _ in loras]
+    for info, count, (_, _, fid) in zip(provenance, counts, loras):
+        result.loras.append({**info, "family": fid, **count})
+    meta = {"loratools.version": __version__, "loratools.baked": json.dumps(provenance)}
+    try:
+        write_baked(base, patches, output, meta, device=dev, wanted=dtype, overwrite=overwrite, result=result)
+    except LoraToolsError as exc:  # raised while patching a tensor: name the base it was patching
+        exc.path = exc.path or base.path
+        raise
+    result.seconds = round(time.perf_counter() - start, 3)
+    result.peak_rss_mb = peak_rss_mb()
+    return result

@@ -1,0 +1,194 @@
+"""Extracting a LoRA from two checkpoints of one family: ΔW = W_tuned − W_base, factored by (randomised) SVD.
+
+Layers follow the family naming tables: every base weight that maps to a known module (attention and MLP
+linears, 1×1 convs; k×k convs only with a conv rank; text encoders only when asked) is read from both
+checkpoints one pair at a time, so memory stays at a few tensors. The factors B = U√S, A = √S·Vᵀ keep the top
+singular terms; what each module keeps is reported as retained energy Σₖσ²/‖ΔW‖². The result is written
+through the convert writers, so every output format (and fused-weight splitting) comes for free.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loratools.errors import LoraToolsError, ShapeMismatch, UsageError
+from loratools.families.naming import naming_table
+from loratools.io.checkpoints import (HF_ENCODER_PREFIXES, MODEL_DIFFUSERS_PREFIXES, MODEL_NATIVE_PREFIXES,
+                                      OPENCLIP_PREFIXES, Base, openclip_modules)
+from loratools.model import MemorySource, Module
+
+
+@dataclass
+class ExtractResult:
+    base: str
+    tuned: str
+    output: str
+    family: str
+    target: str
+    device: str
+    modules: list[dict] = field(default_factory=list)
+    unchanged: int = 0
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Spec:
+    rank: int | None
+    dynamic: tuple[str, float] | None
+    conv_rank: int | None
+    text_encoders: bool
+
+
+def _encoder_prefixes(table) -> list[tuple[str, str]]:
+    out = []
+    for kind, spell in table.encoders.items():
+        out += [(kind, p) for p in HF_ENCODER_PREFIXES.get(kind, ())]
+        if spell.get("diffusers"):
+            out.append((kind, spell["diffusers"] + "/"))
+    return out
+
+
+def candidates(base: Base, table, text_encoders: bool):
+    """(base key, Canon, rows or None, transposed) of every weight the family tables know, in file order."""
+    enc = _encoder_prefixes(table) if text_encoders else []
+    openclip = [(kind, p) for kind in table.encoders for p in OPENCLIP_PREFIXES.get(kind, ())] if text_encoders else []
+    for key in base.keys:
+        clip = next(((kind, key[len(p):]) for kind, p in openclip if key.startswith(p)), None)
+        if clip:  # OpenCLIP layout: fused q/k/v rows, transposed projection
+            for path, rows, transposed in openclip_modules(clip[1], base.shape(key)):
+                canon = table.resolve(clip[0], path, False)
+                if canon:
+                    yield key, canon, rows, transposed
+            continue
+        if not key.endswith(".weight"):
+            continue
+        stem = key[: -len(".weight")]
+        canon = _model_canon(table, stem)
+        if canon is None:
+            for kind, prefix in enc:
+                if stem.startswith(prefix):
+                    canon = table.resolve(kind, stem[len(prefix):], False)
+                    if canon:
+                        break
+        if canon is not None:
+            yield key, canon, None, False
+
+
+def _model_canon(table, stem: str):
+    for prefix in dict.fromkeys(MODEL_NATIVE_PREFIXES + MODEL_DIFFUSERS_PREFIXES):
+        if prefix and not stem.startswith(prefix):
+            continue
+        canon = table.resolve("model", stem[len(prefix):], False)
+        if canon is not None:
+            return canon
+    return None
+
+
+def _factor(diff, spec: Spec, device):
+    """(up, down, kept rank, retained energy) of one ΔW, or None when a k×k conv has no conv rank."""
+    import torch
+
+    from loratools.ops.lowrank import dense_svd, select_rank, split_factors, truncation
+
+    conv = diff.dim() == 4 and diff.shape[2:] != (1, 1)
+    rank = spec.conv_rank if conv else spec.rank
+    if conv and rank is None:
+        return None
+    mat = diff.to(device, torch.float32).flatten(1)
+    side = min(mat.shape)
+    want = None if spec.dynamic else min(rank, side)
+    u, s, vh = dense_svd(mat, want)
+    k = select_rank(s, rank=want, dynamic=spec.dynamic, max_rank=rank)
+    retained, _ = truncation(s, k, total=float(mat.double().pow(2).sum()))
+    up, down = split_factors(u, s, vh, k)
+    if diff.dim() == 4:  # LoCon: A carries the kernel, B is 1×1
+        down = down.reshape(k, *diff.shape[1:])
+        up = up.reshape(up.shape[0], k, 1, 1)
+    return up.cpu(), down.cpu(), k, retained
+
+
+def _module(canon, key: str, up, down, mem: MemorySource, dtype) -> Module:
+    from loratools.adapters.lora import LoRA
+
+    import torch
+
+    def dense(x):  # row-major strides even along unit dims (SVD factors come column-major)
+        return torch.empty(x.shape, dtype=dtype).copy_(x)
+
+    adapter = LoRA({"lora_up": mem.add(key + ".up", dense(up)), "lora_down": mem.add(key + ".down", dense(down))})
+    return Module(canon.native, "model" if canon.space == "model" else canon.space, adapter, alpha=float(up.shape[1]))
+
+
+def extract_pairs(base: Base, tuned: Base, table, spec: Spec, device, result: ExtractResult):
+    """[(Module, Canon)] for every changed weight, computed pair by pair."""
+    import torch
+
+    pairs, mem = [], MemorySource()
+    for key, canon, rows, transposed in candidates(base, table, spec.text_encoders):
+        if key not in tuned.keys:
+            result.skipped.append(f"{key} (not in the tuned checkpoint)")
+            continue
+        if base.shape(key) != tuned.shape(key):
+            raise ShapeMismatch(f"{key} is {list(base.shape(key))} in the base but {list(tuned.shape(key))} in the "
+                                "tuned checkpoint (different families or variants?)", tuned.path)
+        if len(base.shape(key)) < 2:
+            continue
+        fb, nb = base.keys[key]
+        ft, nt = tuned.keys[key]
+        w0 = fb.sf.torch(nb)
+        diff = ft.sf.torch(nt).to(torch.float32) - w0.to(torch.float32)
+        if rows is not None:
+            diff, key = diff[rows[0]: rows[1]], f"{key}[{rows[0]}:{rows[1]}]"
+        if transposed:
+            diff = diff.T
+        if not torch.any(diff):
+            result.unchanged += 1
+            continue
+        got = _factor(diff, spec, device)
+        if got is None:
+            result.skipped.append(f"{key} (a {'x'.join(map(str, diff.shape[2:]))} conv: pass --conv-rank)")
+            continue
+        up, down, k, retained = got
+        dtype = w0.dtype if w0.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+        pairs.append((_module(canon, key, up, down, mem, dtype), canon))
+        result.modules.append({"key": key, "rank": k, "retained_energy": round(retained, 6)})
+    return pairs
+
+
+def extract_lora(base: Base, tuned: Base, dest: Path, *, family: str, to: str = "kohya", rank: int | None = None,
+                 dynamic=None, conv_rank: int | None = None, text_encoders: bool = False, device="auto",
+                 overwrite: bool = False) -> ExtractResult:
+    """Extract the LoRA that turns ``base`` into ``tuned`` and write it as ``to`` at ``dest``."""
+    from loratools import __version__
+    from loratools.formats.writers import TARGETS, write_target
+    from loratools.ops.canonical import plan
+    from loratools.ops.convert import model_prefix, target_naming
+    from loratools.ops.lowrank import check_rank, parse_dynamic, resolve_device
+
+    start = time.perf_counter()
+    if to not in TARGETS:
+        raise UsageError(f"unknown target format '{to}' (choose from {', '.join(TARGETS)})")
+    if (rank is None) == (dynamic is None) and rank is None:
+        raise UsageError("give --rank N or --dynamic METHOD:VALUE")
+    spec = Spec(check_rank(rank), parse_dynamic(dynamic) if dynamic is not None else None,
+                check_rank(conv_rank, "conv rank"), text_encoders)
+    dev = resolve_device(device)
+    if dest.exists() and not overwrite:
+        raise LoraToolsError("output exists; pass --overwrite to replace it", dest)
+    table = naming_table(family)
+    result = ExtractResult(base.path, tuned.path, str(dest), family, to, str(dev))
+    pairs = extract_pairs(base, tuned, table, spec, dev, result)
+    if not pairs:
+        raise LoraToolsError("the checkpoints do not differ in any weight the family tables know", tuned.path)
+    mods = plan(pairs, table, target_naming(table, to))
+    meta = {"loratools.version": __version__, "loratools.operation": "extract", "loratools.family": family,
+            "loratools.target_format": to}
+    if table.architecture:
+        meta["modelspec.architecture"] = table.architecture
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_target(mods, table, to, dest, meta, dtype=None, overwrite=overwrite, model_prefix=model_prefix(family))
+    result.seconds = round(time.perf_counter() - start, 3)
+    return result

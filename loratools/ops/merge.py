@@ -1,0 +1,214 @@
+"""Merging LoRAs: exact concatenation along rank, or its optimal truncation — never a dense ΔW.
+
+Σᵢ wᵢ·sᵢ·Bᵢ·Aᵢ = [w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …]: stacking the factors along rank *is* the
+weighted sum, with no cross terms, no equal-rank requirement and each weight applied once. Each term's
+weight·scale (and so its sign) goes on B; the merged alpha is the total rank, so the merged scale is 1.
+The ``svd`` method then truncates that exact product in factor space (QR + small SVD), which is the best
+approximation at the target rank (Eckart–Young).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+from loratools.errors import ShapeMismatch, UsageError
+from loratools.model import Lora, MemorySource, Module
+from loratools.ops.lowrank import FactorSVD, check_rank, resolve_device, truncation
+from loratools.ops.resize import (Factors, Rule, check_modules, cpu_threads, is_vector, lora_module,
+                                  metadata_warnings, module_factors, output_lora, storage_dtype, summarize)
+
+METHODS = ("concat", "svd")
+
+
+@dataclass
+class Term:
+    """One module of one input, with that input's weight."""
+
+    index: int
+    lora: Lora
+    module: Module
+    weight: float
+
+
+def default_key(m: Module) -> Hashable:
+    """A module's identity across inputs: its base weight (and row slice) once resolved, else component + name."""
+    return (m.target, m.slice) if m.target else (m.component, m.name)
+
+
+def merge(items: list[tuple[Lora, float]], *, method: str = "concat", rank: int | None = None, dynamic=None,
+          max_rank: int | None = None, lossy_rank: int | None = None, device="auto",
+          allow_mixed_families: bool = False, dtype=None,
+          key: Callable[[Module], Hashable] | None = None) -> tuple[Lora, dict]:
+    """Merge LoRAs with weights into one: ``concat`` (exact, rank = Σ ranks) or ``svd`` (truncated).
+
+    Args:
+        items: ``[(lora, weight), ...]``; modules match across inputs by ``key`` (default
+            :func:`default_key`); a module present in only some inputs is merged from those.
+        method: ``"concat"`` or ``"svd"`` (needs ``rank`` or ``dynamic``, optionally ``max_rank``).
+        lossy_rank: rank at which LoHa, LoKr and full-diff modules become LoRA first (a dense SVD).
+        allow_mixed_families: merge inputs whose detected families differ.
+        dtype: storage dtype of the result (``None``: the first contributing module's).
+
+    Returns:
+        ``(Lora, report)`` with the first input's format and metadata.
+
+    Example:
+        >>> merged, report = merge([(load("a.safetensors"), 1.0), (load("b.safetensors"), 0.5)])
+    """
+    items = _check_items(items)
+    if method not in METHODS:
+        raise UsageError(f"unknown merge method {method!r}: use concat or svd")
+    rule = Rule.make(rank, dynamic, max_rank, required=method == "svd")
+    if method == "concat" and rule is not None:
+        raise UsageError("concat keeps every rank: pass --method svd to reduce it")
+    lossy_rank = check_rank(lossy_rank, "lossy_rank")
+    dev, out_dtype = resolve_device(device), storage_dtype(dtype)
+    _check_families(items, allow_mixed_families)
+    for lora, _ in items:
+        check_modules(lora, lossy_rank)
+    mem, modules, rows = MemorySource(), [], []
+    with cpu_threads(dev):
+        for terms in _group(items, key or default_key).values():
+            new, row = _merge_group(terms, rule, dev, lossy_rank, mem, out_dtype)
+            modules.append(new)
+            rows.append(row)
+    summary = summarize(rows, [m for lora, _ in items for m in lora.modules], modules)
+    ranks = [r["rank"] for r in rows if r.get("rank") is not None]
+    summary.update(partial=sum(1 for r in rows if len(r["sources"]) < len(items)),
+                   rank_min=min(ranks, default=None), rank_max=max(ranks, default=None))
+    report = {"method": method, "rule": None if rule is None else rule.as_dict(), "lossy_rank": lossy_rank,
+              "device": str(dev), "inputs": [_describe(lora, w) for lora, w in items], "modules": rows,
+              "summary": summary, "warnings": metadata_warnings(items[0][0])}
+    return output_lora(items[0][0], modules, mem), report
+
+
+def _check_items(items) -> list[tuple[Lora, float]]:
+    out = []
+    for entry in items:
+        lora, weight = entry
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
+            raise UsageError(f"a merge weight must be a finite number, got {weight!r}", lora.path)
+        out.append((lora, float(weight)))
+    if not out:
+        raise UsageError("merge needs at least one LoRA")
+    return out
+
+
+def _check_families(items: list[tuple[Lora, float]], allow: bool) -> None:
+    ids: list[str] = []
+    for lora, _ in items:
+        fid = getattr(lora.family, "id", None) or "unknown"
+        if fid != "unknown" and fid not in ids:
+            ids.append(fid)
+    if len(ids) > 1 and not allow:
+        raise UsageError(f"cannot merge LoRAs of different families ({', '.join(ids)}); "
+                         "pass --allow-mixed-families to merge anyway")
+
+
+def _group(items, key) -> dict[Hashable, list[Term]]:
+    """Terms per module identity, in first-seen order (the first input's module order, then newcomers)."""
+    groups: dict[Hashable, list[Term]] = {}
+    for index, (lora, weight) in enumerate(items):
+        for m in lora.modules:
+            groups.setdefault(key(m), []).append(Term(index, lora, m, weight))
+    return groups
+
+
+def _label(m: Module) -> str:
+    if m.target:
+        return m.target + (f"[{m.slice[0]}:{m.slice[1]}]" if m.slice else "")
+    return f"{m.component}:{m.name}"
+
+
+def _merge_group(terms: list[Term], rule: Rule | None, dev, lossy_rank, mem, out_dtype) -> tuple[Module, dict]:
+    import torch
+
+    first = terms[0].module
+    row = {"name": first.name, "component": first.component, "sources": [t.index for t in terms]}
+    vectors = [is_vector(t.module) for t in terms]
+    if all(vectors):
+        return _sum_vectors(terms, mem, out_dtype), {**row, "action": "summed", "rank": None,
+                                                     "retained": 1.0, "error": 0.0}
+    if any(vectors):
+        other = next(t.module for t, v in zip(terms, vectors) if v != vectors[0])
+        raise ShapeMismatch(f"{_label(first)}: cannot merge a {first.adapter.label} delta with a "
+                            f"{other.adapter.label} delta")
+    factors = [module_factors(t.module, dev, lossy_rank) for t in terms]
+    shape, up_ndim = _fit(terms, factors)
+    cdt = torch.float64 if any(f.up.dtype == torch.float64 for f in factors) else torch.float32
+    up = torch.cat([(t.weight * f.scale) * f.up.to(cdt) for t, f in zip(terms, factors)], dim=1)
+    down = torch.cat([f.down.to(cdt) for f in factors], dim=0)
+    merged = Factors(up, down, 1.0, shape, up_ndim, factors[0].dtype, biases=_sum_biases(terms, factors))
+    row["ranks"] = [f.up.shape[1] for f in factors]
+    lossy = [{"input": t.index, "type": t.module.adapter.label, "error": f.lossy_error}
+             for t, f in zip(terms, factors) if f.lossy_error is not None]
+    if lossy:
+        row["lossy"] = lossy
+    if rule is None:  # alpha = total rank: the merged scale is 1, each term already carries its own
+        new = lora_module(first, up, down, float(up.shape[1]), merged, mem, out_dtype)
+        return new, {**row, "action": "concat", "rank": up.shape[1], "retained": 1.0, "error": 0.0}
+    svd = FactorSVD(up, down)
+    k = rule.select(svd.s)
+    new = lora_module(first, *svd.top(k), float(k), merged, mem, out_dtype)
+    retained, error = truncation(svd.s, k)
+    return new, {**row, "action": "svd", "rank": k, "retained": retained, "error": error}
+
+
+def _fit(terms: list[Term], factors: list[Factors]) -> tuple[tuple[int, ...], int]:
+    """The merged ΔW shape: equal (out, in·kernel) everywhere, equal kernels where stated; most specific wins."""
+    ref = max(range(len(factors)), key=lambda i: len(factors[i].shape))
+    want = factors[ref].shape
+    for t, f in zip(terms, factors):
+        flat_ok = (f.shape[0], math.prod(f.shape[1:])) == (want[0], math.prod(want[1:]))
+        if not flat_ok or (len(f.shape) > 2 and f.shape != want):
+            raise ShapeMismatch(f"{_label(t.module)}: shapes do not fit: {list(want)} in {terms[ref].lora.path} "
+                                f"vs {list(f.shape)} in {t.lora.path}")
+    return want, factors[ref].up_ndim
+
+
+def _sum_biases(terms: list[Term], factors: list[Factors]) -> dict:
+    """Σ weight·(scale for lora_up_bias, which PEFT scales with the module; 1 for diff_b)·bias, on the host."""
+    import torch
+
+    sums: dict = {}
+    for t, f in zip(terms, factors):
+        for role, b in f.biases.items():
+            c = t.weight * (f.scale if role == "lora_up_bias" else 1.0)
+            prev = sums.get(role)
+            if prev is not None and prev[0].shape != b.shape:
+                raise ShapeMismatch(f"{_label(t.module)}: {role} shapes do not fit: {list(prev[0].shape)} "
+                                    f"vs {list(b.shape)} in {t.lora.path}")
+            acc = c * b.to(torch.float64)
+            sums[role] = (acc if prev is None else prev[0] + acc, b.dtype if prev is None else prev[1])
+    return {role: acc.to(dt) for role, (acc, dt) in sums.items()}
+
+
+def _sum_vectors(terms: list[Term], mem: MemorySource, out_dtype) -> Module:
+    """Norm and bias-only deltas add up directly (they are not low-rank): Σ weight·delta per tensor."""
+    import torch
+
+    first = terms[0].module
+    kinds = {t.module.adapter.kind for t in terms}
+    if len(kinds) > 1:
+        raise ShapeMismatch(f"{_label(first)}: cannot merge {' and '.join(sorted(kinds))} deltas")
+    sums: dict = {}
+    for t in terms:
+        for role, ref in t.module.adapter.tensors.items():
+            x = ref.torch()
+            if role in sums and sums[role][0].shape != x.shape:
+                raise ShapeMismatch(f"{_label(t.module)}: {role} shapes do not fit: {list(sums[role][0].shape)} "
+                                    f"vs {list(x.shape)} in {t.lora.path}")
+            acc = (t.weight * t.module.scale) * x.to(torch.float64)
+            sums[role] = (acc + sums[role][0], sums[role][1]) if role in sums else (acc, x.dtype)
+    tensors = {role: mem.add(f"{len(mem.keys())}:{first.component}.{first.name}.{role}", acc.to(out_dtype or dt))
+               for role, (acc, dt) in sums.items()}
+    merged = Module(first.name, first.component, type(first.adapter)(tensors), keys=[], target=first.target,
+                    slice=first.slice)
+    return merged
+
+
+def _describe(lora: Lora, weight: float) -> dict:
+    return {"path": lora.path, "weight": weight, "family": getattr(lora.family, "id", None) or "unknown",
+            "format": lora.format, "modules": len(lora.modules)}

@@ -1,0 +1,178 @@
+"""Factor-space SVD, dense/randomised SVD, rank selection and option parsing against float64 references."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loratools.errors import UsageError
+from loratools.ops.lowrank import (dense_svd, factor_svd, parse_dynamic, resolve_device, select_rank,
+                                   split_factors, truncation)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("m,n,r", [(7, 5, 1), (64, 40, 8), (40, 64, 16), (33, 320 * 9, 64), (6, 5, 8), (128, 96, 64)])
+def test_factor_svd_matches_dense(m, n, r):
+    g = gen(m * n + r)
+    up = torch.randn(m, r, generator=g, dtype=torch.float64)
+    down = torch.randn(r, n, generator=g, dtype=torch.float64)
+    dense = up @ down
+    u, s, vh = factor_svd(up, down)
+    ref = torch.linalg.svdvals(dense)[: s.shape[0]]
+    assert s.shape[0] == min(m, n, r)
+    torch.testing.assert_close(s, ref, rtol=1e-6, atol=1e-6 * float(ref[0]))
+    torch.testing.assert_close(u * s @ vh, dense, rtol=1e-9, atol=1e-9 * float(ref[0]))
+    torch.testing.assert_close(u.T @ u, torch.eye(s.shape[0], dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_factor_svd_computes_float32_for_half_storage():
+    up, down = torch.randn(20, 4).half(), torch.randn(4, 30).half()
+    s = factor_svd(up, down, compute_uv=False)
+    assert s.dtype == torch.float32
+    ref = torch.linalg.svdvals(up.double() @ down.double())[:4]
+    torch.testing.assert_close(s.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_split_factors_are_balanced_and_optimal():
+    g = gen(3)
+    mat = torch.randn(30, 20, generator=g, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    b, a = split_factors(u, s, vh, 5)
+    torch.testing.assert_close(b.norm(dim=0), a.norm(dim=1))  # √S on each side
+    err = (mat - b @ a).norm() / mat.norm()
+    assert truncation(s, 5)[1] == pytest.approx(float(err), rel=1e-9)
+
+
+def test_dense_svd_randomised_path_is_an_optimal_projection():
+    g = gen(5)
+    m, n, k = 1300, 1100, 6
+    spectrum = torch.tensor([50.0, 30, 20, 10, 5, 3] + [0.01] * 20, dtype=torch.float64)
+    u = torch.linalg.qr(torch.randn(m, 26, generator=g, dtype=torch.float64))[0]
+    v = torch.linalg.qr(torch.randn(n, 26, generator=g, dtype=torch.float64))[0]
+    mat = u * spectrum @ v.T
+    ur, sr, vhr = dense_svd(mat, k)
+    assert ur.shape == (m, k) and vhr.shape == (k, n)
+    torch.testing.assert_close(sr, spectrum[:k], rtol=1e-6, atol=0)
+    total = float(mat.pow(2).sum())
+    retained, _ = truncation(sr, k, total)
+    direct = float((mat - ur * sr @ vhr).norm() / mat.norm())
+    assert direct == pytest.approx(math.sqrt(1 - retained), rel=1e-6)  # an orthogonal projection
+    assert direct == pytest.approx(math.sqrt(20 * 0.01**2 / total), rel=1e-6)
+    residual = direct**2 * total
+    assert truncation(sr, k - 2, total, residual)[1] ** 2 == pytest.approx(
+        (residual + float(sr[k - 2:].pow(2).sum())) / total, rel=1e-9)  # errors add in squares
+
+
+def test_dense_svd_full_path():
+    mat = torch.randn(40, 30, generator=gen(1), dtype=torch.float64)
+    u, s, vh = dense_svd(mat)
+    torch.testing.assert_close(u * s @ vh, mat)
+    assert dense_svd(mat, 3)[1].shape == (3,)
+
+
+def test_truncation_of_zero_matrix():
+    assert truncation(torch.zeros(4), 1) == (1.0, 0.0)
+
+
+S = torch.tensor
+
+
+@pytest.mark.parametrize("spectrum,dynamic,k", [
+    # sd-scripts keeps one more than each rule says (its index helpers and rank_resize both add 1)
+    ([10.0, 1.0], ("sv_ratio", 5.0), 1),
+    ([10.0, 1.0], ("sv_ratio", 10.0), 2),  # σ₂ = σ₁/V exactly: kept (≥)
+    ([10.0, 1.0], ("sv_ratio", 9.99), 1),
+    ([4.0, 2.0, 1.0], ("sv_ratio", 2.0), 2),
+    ([3.0, 1.0], ("sv_fro", 0.9), 1),  # 9/10 of Σσ² exactly; sd-scripts compares with p² and adds one
+    ([3.0, 1.0], ("sv_fro", 0.91), 2),
+    ([2.0, 1.0, 1.0], ("sv_fro", 5 / 6), 2),
+    ([2.0, 1.0, 1.0], ("sv_fro", 1.0), 3),
+    ([3.0, 1.0], ("sv_cumulative", 0.75), 1),  # 3/4 of Σσ exactly
+    ([3.0, 1.0], ("sv_cumulative", 0.76), 2),
+    ([5.0, 3.0, 2.0], ("sv_cumulative", 0.8), 2),
+    ([5.0, 3.0, 2.0, 0.0, 0.0], ("sv_cumulative", 1.0), 3),  # zero singular values are never needed
+    ([1.0, 1.0, 1.0, 1.0], ("sv_cumulative", 0.5), 2),
+    ([0.0, 0.0], ("sv_fro", 0.5), 1),  # a zero ΔW keeps one term
+])
+def test_dynamic_rules_keep_exactly_what_they_define(spectrum, dynamic, k):
+    assert select_rank(S(spectrum, dtype=torch.float64), dynamic=dynamic) == k
+
+
+def test_fixed_rank_and_caps():
+    s = S([5.0, 4, 3, 2, 1])
+    assert select_rank(s, rank=3) == 3
+    assert select_rank(s, rank=9) == 5
+    assert select_rank(s, dynamic=("sv_ratio", 100.0), max_rank=2) == 2
+    assert select_rank(s, rank=3, max_rank=2) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 1e3)), min_size=1, max_size=40),
+       st.sampled_from(["sv_fro", "sv_cumulative", "sv_ratio"]), st.floats(0.01, 1.0))
+def test_dynamic_rules_against_their_definition(values, method, frac):
+    vals = sorted(values, reverse=True)
+    value = 1 + 99 * frac if method == "sv_ratio" else frac
+    k = select_rank(S(vals, dtype=torch.float64), dynamic=(method, value))
+    assert 1 <= k <= len(vals)
+    if vals[0] == 0:
+        assert k == 1
+        return
+    if method == "sv_ratio":
+        kept = [v for v in vals if v >= vals[0] / value]
+        assert k in (len(kept), len([v for v in vals if v * value >= vals[0] * (1 - 1e-12)]))
+        return
+    terms = [v * v for v in vals] if method == "sv_fro" else vals
+    total = math.fsum(terms)
+
+    def frac_at(j):
+        return math.fsum(terms[:j]) / total
+
+    assert frac_at(k) >= value * (1 - 1e-9)  # the rule holds at k ...
+    assert k == 1 or frac_at(k - 1) < value * (1 + 1e-9)  # ... and not one earlier
+
+
+@pytest.mark.parametrize("text,expected", [("sv_fro:0.9", ("sv_fro", 0.9)), ("sv_ratio:4", ("sv_ratio", 4.0)),
+                                           ("sv_cumulative:1", ("sv_cumulative", 1.0)),
+                                           (("sv_fro", 0.5), ("sv_fro", 0.5))])
+def test_parse_dynamic(text, expected):
+    assert parse_dynamic(text) == expected
+
+
+@pytest.mark.parametrize("text,message", [
+    ("sv_fro", "dynamic rank must be METHOD:VALUE (sv_ratio, sv_fro or sv_cumulative), got 'sv_fro'"),
+    ("sv_energy:0.9", "unknown dynamic method 'sv_energy': use sv_ratio, sv_fro or sv_cumulative"),
+    ("sv_fro:abc", "sv_fro needs a number, got 'abc'"),
+    ("sv_fro:1.5", "sv_fro needs a value in (0, 1], got 1.5"),
+    ("sv_cumulative:0", "sv_cumulative needs a value in (0, 1], got 0"),
+    ("sv_fro:nan", "sv_fro needs a value in (0, 1], got nan"),
+    ("sv_ratio:1", "sv_ratio needs a value above 1 (largest/smallest kept singular value), got 1"),
+    ("sv_ratio:inf", "sv_ratio needs a value above 1 (largest/smallest kept singular value), got inf"),
+])
+def test_parse_dynamic_errors(text, message):
+    with pytest.raises(UsageError) as e:
+        parse_dynamic(text)
+    assert e.value.message == message
+
+
+def test_devices(monkeypatch):
+    assert resolve_device("cpu").type == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+    with pytest.raises(UsageError) as e:
+        resolve_device("cuda")
+    assert e.value.message == "CUDA was requested but torch sees no CUDA device"
+    with pytest.raises(UsageError, match="unknown device 'tpu': use auto, cpu or cuda"):
+        resolve_device("tpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_factor_svd_on_cuda_matches_cpu():
+    up, down = torch.randn(300, 16, dtype=torch.float64), torch.randn(16, 200, dtype=torch.float64)
+    s_gpu = factor_svd(up.cuda(), down.cuda(), compute_uv=False).cpu()
+    torch.testing.assert_close(s_gpu, factor_svd(up, down, compute_uv=False), rtol=1e-9, atol=1e-9)

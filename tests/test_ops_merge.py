@@ -1,0 +1,195 @@
+"""merge: exact concatenation and optimal SVD truncation, against dense float64 weighted sums."""
+
+import pytest
+import torch
+
+import loratools
+from loratools.adapters import LoRA, Norm
+from loratools.errors import ShapeMismatch, UsageError
+from loratools.model import MemorySource
+from loratools.ops.merge import merge
+from synth import synthesize
+from test_ops_resize import F64, dense, loha, lora_of, make_module, one_per_shape, optimal_error, rand_lora, svdvals
+
+
+def weighted_sum(pairs):
+    return sum(w * dense(m) for m, w in pairs)
+
+
+@pytest.mark.parametrize("kernel", [(), (3, 3)])
+def test_concat_is_the_exact_weighted_sum(kernel):
+    a = rand_lora(24, 10, 4, kernel, alpha=2.0, seed=1)
+    b = rand_lora(24, 10, 16, kernel, alpha=16.0, rslora=True, seed=2)
+    c = rand_lora(24, 10, 1, kernel, seed=3)  # no alpha: scale 1
+    items = [(lora_of(a), 0.7), (lora_of(b), -1.3), (lora_of(c), 2.0)]
+    out, report = merge(items)
+    m = out.modules[0]
+    assert isinstance(m.adapter, LoRA) and m.rank == 21 and m.alpha == 21 and m.scale == 1.0
+    assert m.adapter.down.shape == (21, 10, *kernel) and m.adapter.up.dtype == "F64"
+    ref = weighted_sum([(a, 0.7), (b, -1.3), (c, 2.0)])
+    torch.testing.assert_close(dense(m), ref, rtol=1e-6, atol=1e-9 * float(ref.abs().max()))
+    row = report["modules"][0]
+    assert row["action"] == "concat" and row["ranks"] == [4, 16, 1] and row["sources"] == [0, 1, 2]
+    assert (row["rank"], row["retained"], row["error"]) == (21, 1.0, 0.0)
+
+
+@pytest.mark.parametrize("k", [1, 5, 12])
+def test_svd_merge_is_the_optimal_truncation_of_the_sum(k):
+    a, b = rand_lora(40, 30, 8, alpha=4.0, seed=4), rand_lora(40, 30, 8, alpha=8.0, seed=5)
+    out, report = merge([(lora_of(a), 1.0), (lora_of(b), 0.5)], method="svd", rank=k)
+    m, row = out.modules[0], report["modules"][0]
+    ref = weighted_sum([(a, 1.0), (b, 0.5)])
+    assert m.rank == k and m.alpha == k and m.scale == 1.0
+    s_ref = svdvals(ref)
+    torch.testing.assert_close(svdvals(dense(m))[:k], s_ref[:k], rtol=1e-6, atol=1e-9)
+    assert float((ref - dense(m)).norm()) == pytest.approx(optimal_error(ref, k), rel=1e-6)
+    assert row["error"] == pytest.approx(optimal_error(ref, k) / float(ref.norm()), rel=1e-6)
+    assert row["retained"] == pytest.approx(float(s_ref[:k].pow(2).sum() / s_ref.pow(2).sum()), rel=1e-9)
+
+
+def test_svd_merge_dynamic_and_cap():
+    a, b = rand_lora(40, 30, 8, seed=6), rand_lora(40, 30, 8, seed=7)
+    items = [(lora_of(a), 1.0), (lora_of(b), 1.0)]
+    s = svdvals(weighted_sum([(a, 1.0), (b, 1.0)]))
+    energy = (s.pow(2).cumsum(0) / s.pow(2).sum()).tolist()
+    want = next(i + 1 for i, e in enumerate(energy) if e >= 0.8)
+    assert merge(items, method="svd", dynamic="sv_fro:0.8")[0].modules[0].rank == want
+    assert merge(items, method="svd", dynamic="sv_fro:0.8", max_rank=2)[0].modules[0].rank == min(2, want)
+
+
+def test_modules_in_only_some_inputs_are_merged_with_what_exists():
+    a1, a2 = rand_lora(12, 8, 2, name="x", seed=1, alpha=1.0), rand_lora(12, 8, 3, name="x", seed=2)
+    only_b = rand_lora(6, 8, 2, name="y", component="te1", seed=3, alpha=4.0)
+    out, report = merge([(lora_of(a1), 1.0), (lora_of(a2, only_b), -0.5)])
+    assert [(m.component, m.name) for m in out.modules] == [("unet", "x"), ("te1", "y")]
+    torch.testing.assert_close(dense(out.modules[1]), -0.5 * dense(only_b))
+    torch.testing.assert_close(dense(out.modules[0]), weighted_sum([(a1, 1.0), (a2, -0.5)]))
+    assert report["summary"]["partial"] == 1 and report["modules"][1]["sources"] == [1]
+
+
+def test_key_hook_matches_differently_named_modules():
+    a, b = rand_lora(12, 8, 2, name="to_q", seed=1), rand_lora(12, 8, 2, name="attn_q", seed=2)
+    a.target = b.target = "blocks.0.attn.q.weight"
+    out, _ = merge([(lora_of(a), 1.0), (lora_of(b), 1.0)])
+    assert len(out.modules) == 1 and out.modules[0].target == "blocks.0.attn.q.weight"
+    out, _ = merge([(lora_of(a), 1.0), (lora_of(b), 1.0)], key=lambda m: (m.component, m.name))
+    assert len(out.modules) == 2
+
+
+def test_tucker_and_plain_conv_concat_exactly():
+    g = torch.Generator().manual_seed(8)
+    tucker = make_module(lora_up=torch.randn(16, 4, 1, 1, generator=g, dtype=F64),
+                         lora_mid=torch.randn(4, 4, 3, 3, generator=g, dtype=F64),
+                         lora_down=torch.randn(4, 10, 1, 1, generator=g, dtype=F64), alpha=2.0)
+    plain = rand_lora(16, 10, 6, (3, 3), alpha=3.0, seed=9)
+    out, _ = merge([(lora_of(tucker), 1.0), (lora_of(plain), 0.25)])
+    m = out.modules[0]
+    assert not m.adapter.has("lora_mid") and m.adapter.down.shape == (10, 10, 3, 3)
+    torch.testing.assert_close(dense(m), weighted_sum([(tucker, 1.0), (plain, 0.25)]))
+
+
+def test_lossy_inputs_need_lossy_rank():
+    lo, lr = loha(out=20, inp=12), rand_lora(20, 12, 4, seed=2, alpha=2.0)
+    items = [(lora_of(lr), 1.0), (lora_of(lo), 0.5)]
+    with pytest.raises(UsageError) as e:
+        merge(items)
+    assert e.value.message == "LoHa modules need --lossy-rank N to become LoRA (a lossy SVD)"
+    out, report = merge(items, lossy_rank=12)  # LoHa ΔW of 20×12 has rank ≤ 12: exact
+    torch.testing.assert_close(dense(out.modules[0]), weighted_sum([(lr, 1.0), (lo, 0.5)]), rtol=1e-4,
+                               atol=1e-5)
+    out, report = merge(items, lossy_rank=3)
+    lossy = report["modules"][0]["lossy"]
+    assert lossy[0]["input"] == 1 and lossy[0]["type"] == "loha"
+    ref = dense(lo)
+    assert lossy[0]["error"] == pytest.approx(optimal_error(ref, 3) / float(ref.norm()), rel=1e-4)
+
+
+def test_families_must_agree():
+    a, b = rand_lora(8, 6, 2), rand_lora(8, 6, 2, seed=1)
+    items = [(lora_of(a, family="sdxl"), 1.0), (lora_of(b, family="flux1"), 1.0)]
+    with pytest.raises(UsageError) as e:
+        merge(items)
+    assert e.value.message == ("cannot merge LoRAs of different families (sdxl, flux1); "
+                               "pass --allow-mixed-families to merge anyway")
+    assert len(merge(items, allow_mixed_families=True)[0].modules) == 1
+    assert merge([(lora_of(a, family="unknown"), 1.0), (lora_of(b), 1.0)])[1]["inputs"][0]["family"] == "unknown"
+
+
+def test_shapes_must_fit():
+    a, b = rand_lora(8, 6, 2), rand_lora(8, 7, 2, seed=1, )
+    with pytest.raises(ShapeMismatch) as e:
+        merge([(lora_of(a, path="a.safetensors"), 1.0), (lora_of(b, path="b.safetensors"), 1.0)])
+    assert e.value.message == "unet:m: shapes do not fit: [8, 6] in a.safetensors vs [8, 7] in b.safetensors"
+    c, d = rand_lora(8, 2, 2, (3, 3)), rand_lora(8, 2, 2, (1, 9), seed=1)
+    with pytest.raises(ShapeMismatch, match=r"shapes do not fit: \[8, 2, 3, 3\] in .* vs \[8, 2, 1, 9\]"):
+        merge([(lora_of(c), 1.0), (lora_of(d), 1.0)])
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"rank": 4}, "concat keeps every rank: pass --method svd to reduce it"),
+    ({"method": "svd"}, "pass --rank N or --dynamic METHOD:VALUE"),
+    ({"method": "svd", "rank": 0}, "rank must be a positive integer, got 0"),
+    ({"method": "svd", "dynamic": "sv_ratio:0.5"},
+     "sv_ratio needs a value above 1 (largest/smallest kept singular value), got 0.5"),
+    ({"method": "ties"}, "unknown merge method 'ties': use concat or svd"),
+    ({"device": "cuda:0" if not torch.cuda.is_available() else "npu"}, None),
+])
+def test_bad_options(kwargs, message):
+    with pytest.raises(UsageError) as e:
+        merge([(lora_of(rand_lora(8, 6, 2)), 1.0)], **kwargs)
+    if message:
+        assert e.value.message == message
+
+
+def test_bad_weights_and_no_inputs():
+    with pytest.raises(UsageError, match="merge needs at least one LoRA"):
+        merge([])
+    with pytest.raises(UsageError, match="a merge weight must be a finite number, got nan"):
+        merge([(lora_of(rand_lora(8, 6, 2)), float("nan"))])
+
+
+def test_biases_and_norms_add_up():
+    a, b = rand_lora(10, 6, 2, alpha=4.0), rand_lora(10, 6, 2, seed=1)
+    ba, bb = torch.randn(10, dtype=F64), torch.randn(10, dtype=F64)
+    a.adapter.tensors["lora_up_bias"] = MemorySource().add("x", ba)
+    b.adapter.tensors["diff_b"] = MemorySource().add("y", bb)
+    na = make_module(Norm, name="n", w_norm=torch.ones(4, dtype=F64))
+    nb = make_module(Norm, name="n", w_norm=torch.full((4,), 2.0, dtype=F64))
+    out, report = merge([(lora_of(a, na), 0.5), (lora_of(b, nb), 2.0)])
+    m, n = out.modules
+    torch.testing.assert_close(m.adapter.t("lora_up_bias").torch(), 0.5 * a.scale * ba)  # scaled like PEFT's
+    torch.testing.assert_close(m.adapter.t("diff_b").torch(), 2.0 * bb)
+    torch.testing.assert_close(n.adapter.t("w_norm").torch(), torch.full((4,), 4.5, dtype=F64))
+    assert report["modules"][1]["action"] == "summed"
+
+
+def test_half_storage_keeps_dtype():
+    a = rand_lora(64, 32, 8, dtype=torch.bfloat16, alpha=4.0)
+    b = rand_lora(64, 32, 8, dtype=torch.bfloat16, seed=1)
+    out, _ = merge([(lora_of(a), 1.0), (lora_of(b), 1.0)])
+    assert out.modules[0].adapter.up.dtype == "BF16"
+    ref = weighted_sum([(a, 1.0), (b, 1.0)])
+    assert float((dense(out.modules[0]) - ref).norm() / ref.norm()) < 1e-2
+    out, _ = merge([(lora_of(a), 1.0), (lora_of(b), 1.0)], dtype="fp32")
+    assert out.modules[0].adapter.up.dtype == "F32"
+    torch.testing.assert_close(dense(out.modules[0]), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_real_layout_concat_and_svd(tmp_path):
+    name = "sdxl__kohya__invokeai-slider-keys-only.json"
+    pa = synthesize(name, tmp_path / "a.safetensors", rank=8, dtype="F64", seed=1)
+    pb = synthesize(name, tmp_path / "b.safetensors", rank=4, dtype="F64", seed=2)
+    with loratools.load(pa) as a, loratools.load(pb) as b:
+        items = [(a, 0.8), (b, -0.6)]
+        cat, report = merge(items)
+        svd, svd_report = merge(items, method="svd", rank=6)
+        assert len(cat.modules) == len(a.modules) and report["summary"]["rank_max"] == 12
+        assert cat.format == "kohya" and cat.family.id == "sdxl"
+        checked = {id(m) for m in one_per_shape(a.modules)}
+        for ma, mb, mc, ms in zip(a.modules, b.modules, cat.modules, svd.modules):
+            assert (mc.name, ms.name) == (ma.name, ma.name)
+            if id(ma) in checked:
+                ref = weighted_sum([(ma, 0.8), (mb, -0.6)])
+                torch.testing.assert_close(dense(mc), ref, rtol=1e-6, atol=1e-9)
+                assert float((ref - dense(ms)).norm()) == pytest.approx(optimal_error(ref, 6), rel=1e-6)
+        assert svd_report["summary"]["actions"] == {"svd": len(a.modules)}

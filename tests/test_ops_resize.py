@@ -1,0 +1,330 @@
+"""resize: optimal truncation in factor space, against dense float64 references."""
+
+import math
+
+import pytest
+import torch
+
+import loratools
+from loratools.adapters import IA3, LoHa, LoKr, LoRA, Full, Norm
+from loratools.errors import UsageError
+from loratools.families import FamilyResult
+from loratools.model import Lora, MemorySource, Module
+from loratools.ops.resize import resize
+from synth import synthesize
+
+F64 = torch.float64
+
+
+# --- helpers shared with test_ops_merge.py ---------------------------------------------------------------------
+
+def make_module(adapter_cls=LoRA, name="m", component="unet", alpha=None, rslora=False, magnitude=None,
+                **tensors):
+    src = MemorySource()
+    refs = {role: src.add(role, t) for role, t in tensors.items()}
+    mag = None if magnitude is None else src.add("magnitude", magnitude)
+    return Module(name, component, adapter_cls(refs), alpha=alpha, rslora=rslora, magnitude=mag)
+
+
+def lora_of(*modules, family="sdxl", path="in.safetensors", metadata=None):
+    return Lora(path=path, format="kohya", modules=list(modules), metadata=dict(metadata or {}),
+                family=FamilyResult(id=family))
+
+
+def rand_lora(out, inp, r, kernel=(), dtype=F64, seed=0, **kw):
+    """A LoRA/LoCon module with random factors (conv: the kernel on down, up 1x1)."""
+    g = torch.Generator().manual_seed(seed)
+    down = torch.randn(r, inp, *kernel, generator=g, dtype=F64) / math.sqrt(inp)
+    up = torch.randn(out, r, *([1] * len(kernel)), generator=g, dtype=F64)
+    return make_module(lora_up=up.to(dtype), lora_down=down.to(dtype), **kw)
+
+
+def spectral_lora(sigmas, m=12, n=9, seed=0, **kw):
+    """A float64 LoRA whose ΔW has exactly the given singular values."""
+    g = torch.Generator().manual_seed(seed)
+    k = len(sigmas)
+    u = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=F64))[0]
+    v = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=F64))[0]
+    return make_module(lora_up=u * torch.tensor(sigmas, dtype=F64), lora_down=v.T.contiguous(), **kw)
+
+
+def dense(m: Module) -> torch.Tensor:
+    """s·ΔW in float64 straight from the stored tensors (conv flattened to [out, in·k·k])."""
+    a = m.adapter
+    if a.kind != "lora":
+        return a.delta().double().flatten(1) * m.scale
+    up, down = a.up.torch().double().flatten(1), a.down.torch().double()
+    if a.has("lora_mid"):
+        mid = a.t("lora_mid").torch().double()
+        return torch.einsum("mnkl,om,ni->oikl", mid, up, down.flatten(1)).flatten(1) * m.scale
+    return up @ down.flatten(1) * m.scale
+
+
+def svdvals(mat: torch.Tensor) -> torch.Tensor:
+    """Singular values of a dense float64 matrix; large ones (of rank ≤ 24 here) through an exact range basis."""
+    if min(mat.shape) <= 1024:
+        return torch.linalg.svdvals(mat)
+    g = torch.Generator().manual_seed(0)
+    q = torch.linalg.qr(mat @ torch.randn(mat.shape[1], 24, generator=g, dtype=mat.dtype))[0]
+    return torch.linalg.svdvals(q.T @ mat)
+
+
+def optimal_error(mat: torch.Tensor, k: int) -> float:
+    return float(svdvals(mat)[k:].pow(2).sum().sqrt())
+
+
+def assert_optimal(before: Module, after: Module, k: int, rtol=1e-6):
+    ref, got = dense(before), dense(after)
+    s_ref = svdvals(ref)
+    torch.testing.assert_close(svdvals(got)[:k], s_ref[:k], rtol=rtol, atol=rtol * float(s_ref[0]))
+    assert float((ref - got).norm()) == pytest.approx(optimal_error(ref, k), rel=rtol, abs=rtol * float(s_ref[0]))
+
+
+# --- exactness ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("out,inp,r,kernel,k", [
+    (40, 24, 8, (), 3), (24, 40, 64, (), 16), (16, 20, 2, (), 1), (96, 50, 64, (), 32),
+    (32, 16, 12, (3, 3), 4), (24, 20, 8, (1, 1), 5), (20, 6, 16, (3,), 2),
+])
+def test_truncation_is_optimal_and_keeps_scale(out, inp, r, kernel, k):
+    m = rand_lora(out, inp, r, kernel, alpha=r / 2)
+    small, report = resize(lora_of(m), rank=k)
+    new = small.modules[0]
+    assert isinstance(new.adapter, LoRA) and new.rank == k
+    assert new.adapter.down.shape == (k, inp, *kernel)
+    assert new.adapter.up.shape == (out, k, *([1] * len(kernel)))
+    assert new.scale == pytest.approx(m.scale) and new.alpha == pytest.approx(m.scale * k)
+    assert_optimal(m, new, k)
+    row = report["modules"][0]
+    ref = dense(m)
+    assert row["action"] == "truncated" and (row["old_rank"], row["new_rank"]) == (r, k)
+    assert row["error"] == pytest.approx(optimal_error(ref, k) / float(ref.norm()), rel=1e-6)
+    s2 = svdvals(ref).pow(2)
+    assert row["retained"] == pytest.approx(float(s2[:k].sum() / s2.sum()), rel=1e-9)
+
+
+def test_rslora_alpha_rule():
+    m = rand_lora(30, 20, 16, alpha=8.0, rslora=True)
+    new = resize(lora_of(m), rank=4)[0].modules[0]
+    assert new.rslora and new.alpha == pytest.approx(m.scale * 2)  # s·√k
+    assert new.scale == pytest.approx(m.scale)
+    assert_optimal(m, new, 4)
+
+
+def test_missing_alpha_means_scale_one():
+    m = rand_lora(30, 20, 16)
+    new = resize(lora_of(m), rank=5)[0].modules[0]
+    assert new.alpha == 5 and new.scale == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("alpha", [None, 3.0])
+def test_small_modules_are_copied_bit_exactly(dtype, alpha):
+    m = rand_lora(20, 12, 4, (3, 3), dtype=dtype, alpha=alpha)
+    small, report = resize(lora_of(m), rank=4)
+    new = small.modules[0]
+    assert new.alpha == alpha and report["modules"][0]["action"] == "copied"
+    for role in ("lora_up", "lora_down"):
+        a, b = m.adapter.t(role).torch(), new.adapter.t(role).torch()
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_half_storage_computes_in_float32_and_casts_back(dtype, tol):
+    m = rand_lora(64, 48, 32, dtype=dtype, alpha=16.0)
+    small, report = resize(lora_of(m), rank=8)
+    new = small.modules[0]
+    assert new.adapter.up.dtype == m.adapter.up.dtype  # storage dtype kept
+    ref = dense(m)
+    direct = float((ref - dense(new)).norm() / ref.norm())
+    assert direct == pytest.approx(report["modules"][0]["error"], abs=tol)
+    wide = resize(lora_of(m), rank=8, dtype="fp32")[0].modules[0]
+    assert wide.adapter.up.dtype == "F32"
+    assert_optimal(m, wide, 8, rtol=1e-5)
+
+
+# --- dynamic rank selection --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dynamic,k", [
+    ("sv_ratio:10", 2), ("sv_ratio:5", 1),  # sd-scripts keeps 2 for sv_ratio:5 on [10, 1, ...]
+    ("sv_fro:0.99", 2), ("sv_fro:0.5", 1),
+    ("sv_cumulative:0.9", 2), ("sv_cumulative:0.8", 1),
+])
+def test_dynamic_picks_the_defined_rank(dynamic, k):
+    # σ = [10, 1, 0.5, 0.1]: Σσ² = 101.26, Σσ = 11.6
+    m = spectral_lora([10.0, 1.0, 0.5, 0.1], alpha=4.0)
+    small, report = resize(lora_of(m), dynamic=dynamic)
+    assert small.modules[0].rank == k == report["modules"][0]["new_rank"]
+    assert_optimal(m, small.modules[0], k)
+    assert small.modules[0].scale == pytest.approx(m.scale)
+
+
+def test_dynamic_boundaries_and_cap():
+    m = spectral_lora([3.0, 1.0])
+    assert resize(lora_of(m), dynamic="sv_fro:0.9")[0].modules[0].rank == 1  # 9/10 exactly
+    assert resize(lora_of(m), dynamic="sv_cumulative:0.75")[0].modules[0].rank == 1  # 3/4 exactly
+    assert resize(lora_of(m), dynamic="sv_ratio:3")[0].modules[0].rank == 2  # 1 = 3/3 exactly
+    assert resize(lora_of(m), dynamic="sv_ratio:1000", max_rank=2)[0].modules[0].rank == 2
+
+
+def test_dynamic_keeping_everything_copies():
+    m = spectral_lora([3.0, 2.0, 1.0])
+    small, report = resize(lora_of(m), dynamic="sv_fro:1")
+    assert report["modules"][0]["action"] == "copied"
+    assert torch.equal(small.modules[0].adapter.up.torch(), m.adapter.up.torch())
+
+
+# --- other adapter types -----------------------------------------------------------------------------------------
+
+def test_tucker_becomes_plain_conv_and_copies_when_small():
+    g = torch.Generator().manual_seed(4)
+    m = make_module(lora_up=torch.randn(16, 6, 1, 1, generator=g, dtype=F64),
+                    lora_mid=torch.randn(6, 6, 3, 3, generator=g, dtype=F64),
+                    lora_down=torch.randn(6, 10, 1, 1, generator=g, dtype=F64), alpha=3.0)
+    new = resize(lora_of(m), rank=2)[0].modules[0]
+    assert not new.adapter.has("lora_mid") and new.adapter.down.shape == (2, 10, 3, 3)
+    assert_optimal(m, new, 2)
+    same = resize(lora_of(m), rank=6)[0].modules[0]
+    assert same.adapter.has("lora_mid") and torch.equal(same.adapter.t("lora_mid").torch(),
+                                                        m.adapter.t("lora_mid").torch())
+
+
+def loha(seed=0, out=24, inp=18, r=4, alpha=2.0):
+    g = torch.Generator().manual_seed(seed)
+    t = {f"hada_w{i}_{s}": torch.randn(*(out, r) if s == "a" else (r, inp), generator=g) for i in (1, 2)
+         for s in "ab"}
+    return make_module(LoHa, alpha=alpha, **t)
+
+
+@pytest.mark.parametrize("make,label", [
+    (loha, "LoHa"),
+    (lambda: make_module(LoKr, alpha=None, lokr_w1=torch.randn(4, 3), lokr_w2=torch.randn(6, 5)), "LoKr"),
+    (lambda: make_module(Full, diff=torch.randn(20, 12), diff_b=torch.randn(20)), "full-diff"),
+])
+def test_lossy_types_need_lossy_rank_then_are_optimal(make, label):
+    m = make()
+    with pytest.raises(UsageError) as e:
+        resize(lora_of(m), rank=2)
+    assert e.value.message == f"{label} modules need --lossy-rank N to become LoRA (a lossy SVD)"
+    small, report = resize(lora_of(m), rank=6, lossy_rank=6)
+    new, row = small.modules[0], report["modules"][0]
+    assert isinstance(new.adapter, LoRA) and new.rank == 6 and row["action"] == "lossy"
+    ref = dense(m)
+    got = dense(new)
+    assert float((ref - got).norm()) == pytest.approx(optimal_error(ref, 6), rel=1e-4)
+    assert row["lossy_error"] == pytest.approx(optimal_error(ref, 6) / float(ref.norm()), rel=1e-4)
+    if m.adapter.has("diff_b"):
+        assert torch.equal(new.adapter.t("diff_b").torch(), m.adapter.t("diff_b").torch())
+
+
+def test_lossy_then_smaller_rank():
+    m = loha()
+    new = resize(lora_of(m), rank=3, lossy_rank=8)[0].modules[0]
+    ref = dense(m)
+    assert new.rank == 3
+    assert float((ref - dense(new)).norm()) == pytest.approx(optimal_error(ref, 3), rel=1e-4)
+
+
+def test_dora_and_base_dependent_modules_are_refused():
+    m = rand_lora(8, 6, 2, magnitude=torch.ones(8, 1))
+    with pytest.raises(UsageError) as e:
+        resize(lora_of(m), rank=1)
+    assert e.value.message == "DoRA modules need the base weights: pass --base CKPT"
+    assert str(e.value) == "in.safetensors: DoRA modules need the base weights: pass --base CKPT"
+    ia3 = make_module(IA3, plain_weight=torch.ones(8), on_input=torch.zeros(1))
+    with pytest.raises(UsageError) as e:
+        resize(lora_of(ia3), rank=1)
+    assert e.value.message == "ia3 modules depend on the base weights and cannot become LoRA"
+
+
+def test_norm_and_bias_deltas_are_carried():
+    norm = make_module(Norm, name="n", w_norm=torch.randn(8), b_norm=torch.randn(8))
+    bias = rand_lora(10, 6, 4, name="b", alpha=2.0)
+    bias.adapter.tensors["lora_up_bias"] = MemorySource().add("x", torch.randn(10, dtype=F64))
+    small, report = resize(lora_of(norm, bias), rank=2)
+    assert [r["action"] for r in report["modules"]] == ["kept", "truncated"]
+    assert torch.equal(small.modules[0].adapter.t("w_norm").torch(), norm.adapter.t("w_norm").torch())
+    assert torch.equal(small.modules[1].adapter.t("lora_up_bias").torch(),
+                       bias.adapter.t("lora_up_bias").torch())
+
+
+# --- options and output --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"rank": 0}, "rank must be a positive integer, got 0"),
+    ({"rank": -3}, "rank must be a positive integer, got -3"),
+    ({"rank": 2.5}, "rank must be a positive integer, got 2.5"),
+    ({"rank": 4, "max_rank": 0}, "max_rank must be a positive integer, got 0"),
+    ({"rank": 4, "lossy_rank": 0}, "lossy_rank must be a positive integer, got 0"),
+    ({}, "pass --rank N or --dynamic METHOD:VALUE"),
+    ({"rank": 4, "dynamic": "sv_fro:0.9"}, "pass either --rank or --dynamic, not both"),
+    ({"dynamic": "fro:0.9"}, "unknown dynamic method 'fro': use sv_ratio, sv_fro or sv_cumulative"),
+    ({"dynamic": "sv_fro:2"}, "sv_fro needs a value in (0, 1], got 2"),
+    ({"rank": 4, "dtype": "fp8"}, "unknown dtype 'fp8': use fp16, bf16 or fp32"),
+])
+def test_bad_options(kwargs, message):
+    with pytest.raises(UsageError) as e:
+        resize(lora_of(rand_lora(8, 6, 4)), **kwargs)
+    assert e.value.message == message
+
+
+def test_output_is_a_normal_lora_with_a_report():
+    a = rand_lora(40, 30, 16, name="a", component="te1", alpha=8.0, dtype=torch.float16)
+    b = rand_lora(40, 30, 2, name="b", seed=1)
+    a.target, a.slice = "model.x.weight", (0, 40)
+    src = lora_of(a, b, metadata={"ss_network_dim": "16", "sshs_model_hash": "abc"})
+    out, report = resize(src, rank=4)
+    assert isinstance(out, Lora) and out.format == "kohya" and out.family.id == "sdxl"
+    assert out.metadata == {"ss_network_dim": "16"}
+    assert report["warnings"] == ["dropped stale metadata hashes: sshs_model_hash"]
+    new = out.modules[0]
+    assert (new.name, new.component, new.target, new.slice, new.keys) == ("a", "te1", "model.x.weight", (0, 40), [])
+    assert isinstance(new.adapter.up.source, MemorySource)
+    s = report["summary"]
+    assert s["modules"] == 2 and s["actions"] == {"truncated": 1, "copied": 1}
+    assert s["parameters_before"] == 16 * 70 + 2 * 70 and s["parameters_after"] == 4 * 70 + 2 * 70
+    assert s["bytes_before"] == 16 * 70 * 2 + 2 * 70 * 8 and s["bytes_after"] == 4 * 70 * 2 + 2 * 70 * 8
+    assert s["retained_min"] == report["modules"][0]["retained"] < 1 == report["modules"][1]["retained"]
+    assert s["error_max"] == report["modules"][0]["error"]
+    assert report["rule"] == {"rank": 4, "dynamic": None, "max_rank": None, "lossy_rank": None}
+    assert out.size_bytes == s["bytes_after"]
+
+
+def one_per_shape(modules):
+    seen, out = set(), []
+    for m in modules:
+        shape = (m.adapter.up.shape, m.adapter.down.shape)
+        if shape not in seen:
+            seen.add(shape)
+            out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("layout,sample", [("sdxl__kohya__invokeai-slider-keys-only.json", False),
+                                           ("flux1__kohya__invokeai-pokemon.json", True)])
+def test_real_layouts(tmp_path, layout, sample):
+    path = synthesize(layout, tmp_path / "in.safetensors", rank=8, dtype="F64")
+    with loratools.load(path) as lora:
+        if sample:  # Flux: one module of each shape keeps the dense references affordable
+            lora.modules = one_per_shape(lora.modules)
+        out, report = resize(lora, rank=3)
+        assert len(out.modules) == len(lora.modules) == report["summary"]["modules"]
+        assert report["summary"]["actions"] == {"truncated": len(lora.modules)}
+        checked = one_per_shape(lora.modules)
+        for before, after in zip(lora.modules, out.modules):
+            assert (after.name, after.component) == (before.name, before.component)
+            assert after.scale == pytest.approx(before.scale)
+            if before in checked and before.adapter.up.shape[0] * before.adapter.down.shape[1] <= 3072 * 3072:
+                assert_optimal(before, after, 3)
+        dyn, _ = resize(lora, dynamic="sv_fro:0.6", max_rank=6)
+        assert {m.rank for m in dyn.modules} <= set(range(1, 7))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    m = rand_lora(300, 200, 32, alpha=16.0, dtype=torch.float16)
+    cpu = resize(lora_of(m), rank=8, device="cpu", dtype="fp32")[0].modules[0]
+    gpu = resize(lora_of(m), rank=8, device="cuda", dtype="fp32")[0].modules[0]
+    assert gpu.adapter.up.torch().device.type == "cpu"  # results come back to the host
+    torch.testing.assert_close(dense(gpu), dense(cpu), rtol=1e-4, atol=1e-5)
