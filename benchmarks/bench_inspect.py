@@ -29,6 +29,7 @@ def main() -> None:
         path = write_sdxl_kohya(Path(tmp) / "sdxl_rank.safetensors", rank=args.rank)
         size = path.stat().st_size / 2**20
         variants = [
+            ("python startup, no work", [PY, "-c", "pass"]),
             ("python: read header only (json)", [PY, "-c", "import json,struct,sys; f=open(sys.argv[1],'rb'); "
                                                  "n=struct.unpack('<Q',f.read(8))[0]; json.loads(f.read(n))", str(path)]),
             ("loratools inspect", [PY, "-m", "loratools", "inspect", str(path)]),

@@ -54,7 +54,7 @@ def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_
 
         loratools inspect loras/ --json > report.json
     """
-    from loratools import api, report
+    from loratools import api
     from loratools.io.sources import expand_paths
 
     debug = ctx.obj["debug"]
@@ -73,6 +73,8 @@ def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_
             continue
         results.append(info)
         if not as_json:
+            from loratools import report  # rich only for people: --json output stays quick
+
             report.print_inspect(info, top=top)
     if as_json:
         click.echo(json.dumps(results, indent=2, default=str))
