@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 
 import click
@@ -81,6 +80,8 @@ def _run(work: list[tuple], jobs: int, show: bool) -> list[dict]:
     with Progress(transient=True, disable=not show, console=_stderr()) as bar:
         task = bar.add_task("converting", total=len(work))
         if jobs > 1 and len(work) > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
             with ProcessPoolExecutor(max_workers=jobs) as pool:
                 for r in pool.map(_one, work):
                     results.append(r)

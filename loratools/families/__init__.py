@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import UnknownFamily
@@ -175,7 +175,7 @@ class Encoders:
 
 
 def _data_dir():
-    return resources.files(__name__).joinpath("data")
+    return Path(__file__).parent / "data"
 
 
 def _family_files() -> dict:

@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
+from pathlib import Path
 
 from loratools.errors import UnknownFamily
 
@@ -181,7 +181,7 @@ def _expand(specs: list[dict]) -> list[str]:
 
 
 def _dir():
-    return resources.files(__package__).joinpath("naming")
+    return Path(__file__).parent / "naming"
 
 
 @lru_cache(maxsize=None)
