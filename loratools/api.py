@@ -361,5 +361,20 @@ def merge(items, *, method: str = "concat", rank: int | None = None, dynamic: st
 
     pairs = [(it, 1.0) if not isinstance(it, tuple) else it for it in items]
     loaded = [(_as_lora(x), w) for x, w in pairs]
+    for lora, _ in loaded:
+        _canonical_targets(lora)
     return _merge(loaded, method=method, rank=rank, dynamic=dynamic, max_rank=max_rank, lossy_rank=lossy_rank,
                   device=device, allow_mixed_families=allow_mixed_families, dtype=dtype)
+
+
+def _canonical_targets(lora: Lora) -> None:
+    """Give each module its canonical target (native path + part), so inputs in different namings meet."""
+    from loratools.errors import LoraToolsError
+    from loratools.families.naming import naming_table
+    from loratools.ops.canonical import canonicalize
+
+    fid = lora.family.id if lora.family else "unknown"
+    try:
+        canonicalize(lora, naming_table(fid), lora_only=False)
+    except LoraToolsError:
+        pass  # no table for the family, or names outside it: modules match by (component, name)

@@ -115,3 +115,11 @@ def test_convert_lossy_rank_reports_the_error(tmp_path, layout_file):
 def test_weights_must_be_numbers_in_the_api():
     with pytest.raises(UsageError):
         parse_weighted("a.safetensors:nan")
+
+
+def test_merge_inputs_in_different_formats_meet_by_target(sdxl, tmp_path):
+    as_diffusers = loratools.convert(sdxl, "diffusers", tmp_path / "d.safetensors").output
+    merged, report = loratools.merge([(sdxl, 0.5), (as_diffusers, 0.5)])
+    assert len(merged.modules) == 280  # each module met its twin
+    out = loratools.save(merged, tmp_path / "m.safetensors")
+    assert loratools.verify(sdxl, out.output, rtol=1e-5).equal
