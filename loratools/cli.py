@@ -103,9 +103,10 @@ def main() -> None:
         cli.main(standalone_mode=False)
     except LoraToolsError as exc:
         _fail(exc, "--debug" in sys.argv)
-    except click.exceptions.Abort:
-        click.echo("loratools: aborted", err=True)
-        sys.exit(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        # outputs are written to a temporary file and renamed, so an interrupted run leaves nothing behind
+        click.echo("loratools: error: interrupted; no output was written", err=True)
+        sys.exit(2)
     except click.ClickException as exc:
         exc.show()
         sys.exit(2)

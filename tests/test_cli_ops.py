@@ -123,3 +123,19 @@ def test_merge_inputs_in_different_formats_meet_by_target(sdxl, tmp_path):
     assert len(merged.modules) == 280  # each module met its twin
     out = loratools.save(merged, tmp_path / "m.safetensors")
     assert loratools.verify(sdxl, out.output, rtol=1e-5).equal
+
+
+def test_interrupted_command_exits_2_without_output(sdxl, tmp_path, monkeypatch, capsys):
+    from loratools import api
+    from loratools.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "resize", interrupted)
+    monkeypatch.setattr(sys, "argv", ["loratools", "resize", str(sdxl), "--rank", "2", "-o", str(tmp_path / "o.safetensors")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "loratools: error: interrupted; no output was written"
+    assert list(tmp_path.iterdir()) == []
