@@ -13,14 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, table, write_sdxl_kohya
+from common import ROOT, run, table, write_sdxl_kohya
 
 from loratools.io.safetensors import write_safetensors
 
@@ -69,16 +67,6 @@ def write_base(path: Path, fraction: float) -> int:
         items.append((key, dtype, shape, make))
     write_safetensors(path, items, {}, overwrite=True)
     return path.stat().st_size
-
-
-def run(cmd: list[str]) -> tuple[float, float]:
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss / 1024
 
 
 def main() -> None:

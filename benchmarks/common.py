@@ -61,6 +61,19 @@ def write_sdxl_kohya(path: Path, rank: int = 128, dtype: str = "F16", seed: int 
     return path
 
 
+def run(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one child process, waited for alone (its own ru_maxrss)."""
+    import os
+
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    if status != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return wall, usage.ru_maxrss / 1024
+
+
 def timed(cmd: list[str], repeat: int = 1) -> tuple[float, float]:
     """Best wall time (s) and peak RSS (MB) of a child process."""
     best, rss = float("inf"), 0.0
