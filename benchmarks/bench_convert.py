@@ -9,7 +9,6 @@ child that is waited for alone). Targets from the issue: wall time within 2x of 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path

@@ -173,8 +173,6 @@ def extrapolate(per_stem: dict[str, float], modules: list[tuple[str, list[int]]]
 
 def our_sigmas(path: Path, names: list[str]) -> dict[str, list[float]]:
     """Singular values of the written modules' up @ down (float64, factor space)."""
-    import torch
-
     from loratools.io.safetensors import SafetensorsFile
     from loratools.ops.lowrank import factor_svd
 

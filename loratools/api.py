@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections import Counter
 
 from loratools.families import ModuleEvidence, detect_family
 from loratools.formats import read_modules
@@ -94,11 +93,10 @@ def _family(lora: Lora, override: str | None):
                             alternatives=[], metadata_claims=[], reason="not detected", model_component="model")
     if override:
         fam = get_family(override)
-        return FamilyResult(id=fam["id"] if isinstance(fam, dict) else fam.id, variant=None, confidence=1.0,
+        return FamilyResult(id=fam.id, variant=None, confidence=1.0,
                             evidence=["given with --family"], mismatches=[], alternatives=[],
                             metadata_claims=[], reason=None,
-                            model_component=(fam.get("model_component", "model") if isinstance(fam, dict)
-                                             else getattr(fam, "model_component", "model")))
+                            model_component=fam.model_component)
     if lora.format == "cloneofsimo":  # positional keys: no names to match, the encoder width tells
         from loratools.formats.cloneofsimo import family_evidence
 
@@ -145,10 +143,6 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, stats: bool = Fals
 
             report["stats"] = module_stats(lora)
         return report
-
-
-def _counter(values) -> dict:
-    return dict(Counter(values).most_common())
 
 
 def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None = None, *, family: str | None = None,

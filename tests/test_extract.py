@@ -99,7 +99,7 @@ def test_sdxl_convs_and_text_encoders_are_opt_in(tmp_path):
 
 
 def test_errors(tmp_path):
-    base = write_base(tmp_path / "base.safetensors", FLUX, dtype=torch.float32)
+    write_base(tmp_path / "base.safetensors", FLUX, dtype=torch.float32)
     with pytest.raises(UsageError, match="give --rank N or --dynamic METHOD:VALUE"):
         loratools.extract(tmp_path / "base.safetensors", tmp_path / "base.safetensors", tmp_path / "o.safetensors")
     with pytest.raises(LoraToolsError, match="do not differ in any weight"):

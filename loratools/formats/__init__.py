@@ -93,7 +93,7 @@ def _read_stem(st: _Stem, fmt: str, config: AdapterConfig | None, result: ReadRe
         alpha = st.roles.get("alpha")
         module = Module(
             name=st.name, component=st.component, adapter=adapter,
-            alpha=None if alpha is None else _alpha_value(alpha),
+            alpha=None if alpha is None else alpha.scalar(),
             magnitude=st.roles.get("dora_scale"),
             keys=sorted(st.keys[r] for r in taken),
         )
@@ -109,11 +109,6 @@ def _read_stem(st: _Stem, fmt: str, config: AdapterConfig | None, result: ReadRe
         result.unknown_keys.extend(st.keys[r] for r in roles - taken)
         return
     result.unknown_keys.extend(st.keys.values())
-
-
-def _alpha_value(ref: TensorRef) -> float:
-    value = ref.scalar()
-    return value
 
 
 def _decide_format(stems: dict[str, _Stem]) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from loratools.errors import FormatError, UsageError
-from loratools.families.naming import DIFFUSERS, NATIVE, Canon, NamingTable, Part
+from loratools.families.naming import DIFFUSERS, NATIVE, Canon, NamingTable
 from loratools.model import Lora, Module, TensorRef
 
 FLAT_FORMATS = ("kohya", "lycoris", "onetrainer")

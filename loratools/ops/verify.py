@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from loratools.families.naming import NATIVE, naming_table
 from loratools.model import Lora
-from loratools.ops.canonical import _bounds, _swap, canonicalize
+from loratools.ops.canonical import _swap, canonicalize
 
 
 @dataclass
@@ -31,8 +31,6 @@ class VerifyResult:
 
 def _pieces(lora: Lora, table) -> dict[tuple[str, str], list]:
     """(space, native) -> [(up_scaled [rows, r] placed at its row offset, down [r, n], total rows) or dense]."""
-    import torch
-
     out = defaultdict(list)
     for m, c in canonicalize(lora, table, lora_only=False):
         a = m.adapter

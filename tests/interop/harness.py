@@ -50,6 +50,8 @@ from peft.tuners.lora import LoraLayer  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection  # noqa: E402
 
+from loratools.ops.threads import small_matrix_threads  # noqa: E402
+
 FAMILIES = ("sd1", "sdxl", "flux1", "sd3")
 
 # Substrings (matched case-insensitively) that mark a load as failed or partial.
@@ -98,16 +100,9 @@ def spec(family: str) -> FamilySpec:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}") from None
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from intra-op threads, and on a busy machine spinning OpenMP workers make every
-    # small op tens of times slower. Used as a decorator on the public functions.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+# Tiny models gain nothing from intra-op threads, and on a busy machine spinning workers make every small op
+# tens of times slower; the project's own helper is used as a decorator on the public functions.
+_one_thread = small_matrix_threads
 
 
 @dataclass

@@ -79,15 +79,11 @@ def test_diffusers_written_file_converts(family, to, written, tmp_path):
     assert h.max_rel_diff(h.run(fresh), h.reference_outputs(fresh, source)) <= RTOL
 
 
-@pytest.mark.parametrize("family,component", [("sd1", "unet"), ("sd1", "text_encoder"), ("sdxl", "text_encoder_2"),
-                                              ("flux1", "transformer"), ("sd3", "transformer")])
+# A bare PEFT folder of a text encoder does not say which encoder it is, so only denoiser folders are converted.
+@pytest.mark.parametrize("family,component", [("sd1", "unet"), ("flux1", "transformer"), ("sd3", "transformer")])
 @pytest.mark.parametrize("to", ("kohya", "diffusers", "peft"))
 def test_peft_folder_converts(family, component, to, tmp_path):
     source = h.peft_folder(family, component, tmp_path / "adapter", mixed=True)
-    with loratools.load(source.path, family=family) as lora:  # a bare PEFT folder names no component
-        lora_component = {"unet": "unet", "transformer": "transformer"}.get(component)
-        if lora_component is None:
-            pytest.skip("a single text-encoder PEFT folder does not say which encoder it is")
     out = loratools.convert(source.path, to, f"{tmp_path}/out/", family=family)
     assert loratools.verify(source.path, out.output, rtol=1e-6, family=family).equal
     if to in ("diffusers", "peft"):  # these sources have mixed alphas: see _check about diffusers' kohya reader
