@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, run, table, write_sdxl_kohya
+from common import ROOT, in_child, run, table, write_sdxl_kohya
 
 from loratools.io.safetensors import write_safetensors
 
@@ -43,6 +44,28 @@ for key, todo in patches.items():
         (apply_bias if p.bias else apply_weight)(w, p, torch.device("cpu"))
     sd[key] = w.to(sd[key].dtype)
 save_file(sd, out)
+"""
+
+# The arithmetic floor on a CPU: only the products B @ A of the modules the base has, float32, no I/O.
+MATMUL_FLOOR = """
+import sys, time, torch
+import loratools
+from loratools.io.checkpoints import open_base
+from loratools.ops.bake import plan_patches
+from loratools.ops.convert import family_of
+base_path, lora_path = sys.argv[1:3]
+lora = loratools.load(lora_path)
+with open_base(base_path) as base:
+    patches, _, _ = plan_patches(base, [(lora, 1.0, family_of(lora, None))], True)
+factors = [(p.module.adapter.up.torch().float().flatten(1), p.module.adapter.down.torch().float().flatten(1))
+           for todo in patches.values() for p in todo if not p.bias]
+start = time.perf_counter()
+flops = 0
+for up, down in factors:
+    torch.mm(up, down)
+    flops += 2 * up.shape[0] * up.shape[1] * down.shape[1]
+seconds = time.perf_counter() - start
+print(f"{seconds:.3f} {flops / seconds / 1e9:.1f}")
 """
 
 
@@ -75,8 +98,8 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(dir=ROOT / "benchmarks") as tmp:
         tmp = Path(tmp)
-        size = write_base(tmp / "base.safetensors", args.fraction)
-        write_sdxl_kohya(tmp / "lora.safetensors", rank=args.rank)
+        size = in_child(write_base, tmp / "base.safetensors", args.fraction)
+        in_child(write_sdxl_kohya, tmp / "lora.safetensors", rank=args.rank)
         rows = []
         variants = {
             "cp": ["cp", str(tmp / "base.safetensors"), str(tmp / "cp.safetensors")],
@@ -95,6 +118,10 @@ def main() -> None:
         cp = float(rows[0][1])
         for r in rows:
             r.append(f"{float(r[1]) / cp:.2f}")
+        floor = subprocess.run([sys.executable, "-c", MATMUL_FLOOR, str(tmp / "base.safetensors"),
+                                str(tmp / "lora.safetensors")], capture_output=True, text=True, check=True, cwd=ROOT)
+        seconds, gflops = floor.stdout.split()
+        rows.append([f"matmuls B@A alone ({gflops} GFLOP/s, in memory)", seconds, "-", f"{float(seconds) / cp:.2f}"])
         print(f"SDXL-shaped checkpoint {size / 1e9:.2f} GB (fraction {args.fraction}), kohya LoRA rank {args.rank}")
         print(table(rows, ["variant", "wall s", "peak RSS MB", "x cp"]))
 

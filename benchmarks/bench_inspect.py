@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import table, timed, write_sdxl_kohya
+from common import in_child, table, timed, write_sdxl_kohya
 
 PY = sys.executable
 
@@ -26,7 +26,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        path = write_sdxl_kohya(Path(tmp) / "sdxl_rank.safetensors", rank=args.rank)
+        path = in_child(write_sdxl_kohya, Path(tmp) / "sdxl_rank.safetensors", rank=args.rank)
         size = path.stat().st_size / 2**20
         variants = [
             ("python startup, no work", [PY, "-c", "pass"]),

@@ -61,6 +61,15 @@ def write_sdxl_kohya(path: Path, rank: int = 128, dtype: str = "F16", seed: int 
     return path
 
 
+def in_child(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` in a fresh interpreter. Build inputs this way: a child's peak RSS includes the
+    memory of its parent at the moment it starts, so the measuring process must stay small."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args, kwargs)
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (MB) of one child process, waited for alone (its own ru_maxrss)."""
     import os

@@ -25,10 +25,16 @@ def _fail(exc: LoraToolsError, debug: bool) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="loratools")
 @click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+@click.option("--sync", is_flag=True,
+              help="Flush every new output file to disk before it is renamed into place (replaced files always are).")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, sync: bool) -> None:
     """Inspect, convert, merge, resize and bake LoRA files of image and video models."""
     ctx.obj = {"debug": debug}
+    if sync:
+        from loratools.io import safetensors
+
+        safetensors.SYNC_NEW_FILES = True
 
 
 @cli.command()

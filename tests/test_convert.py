@@ -209,22 +209,24 @@ def test_existing_output_is_refused_and_overwrite_replaces(tmp_path, f32_layout)
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, f32_layout, monkeypatch):
-    from loratools.ops import canonical
+    from loratools.io import safetensors
 
     src = f32_layout("flux1__kohya__invokeai-pokemon.json")
     calls = {"n": 0}
-    real = canonical._factors
+    real = safetensors._Output.write
 
-    def flaky(m):
+    def flaky(self, data):
         calls["n"] += 1
         if calls["n"] > 50:
             raise KeyboardInterrupt
-        return real(m)
+        return real(self, data)
 
-    monkeypatch.setattr(canonical, "_factors", flaky)
-    with pytest.raises(KeyboardInterrupt):
-        loratools.convert(src, "diffusers", tmp_path / "out" / "x.safetensors")
-    assert list((tmp_path / "out").iterdir()) == []
+    monkeypatch.setattr(safetensors._Output, "write", flaky)
+    for target in ("diffusers", "kohya"):
+        calls["n"] = 0
+        with pytest.raises(KeyboardInterrupt):
+            loratools.convert(src, target, tmp_path / "out" / "x.safetensors")
+        assert list((tmp_path / "out").iterdir()) == []
 
 
 def test_wrong_family_lists_unmatched_modules(tmp_path, f32_layout):

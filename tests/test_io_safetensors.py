@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -221,6 +222,106 @@ def test_output_gets_ordinary_permissions(tmp_path):
     path = tmp_path / "p.safetensors"
     write_safetensors(path, [])
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~umask
+
+
+def _source_file(tmp_path) -> tuple[SafetensorsFile, dict[str, bytes]]:
+    tensors = {"a": sample("F16", (64, 48)), "b": sample("BF16", (3, 5)), "c": sample("F32", (7,))}
+    path = tmp_path / "src.safetensors"
+    safetensors.torch.save_file(tensors, path)
+    return SafetensorsFile(path), {k: as_bytes(v) for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("kernel_copy", ["available", "refused", "missing"])
+def test_spans_are_copied_file_to_file(tmp_path, monkeypatch, kernel_copy):
+    from loratools.io import safetensors as st
+
+    def refuse(*_args):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    if kernel_copy == "refused":
+        monkeypatch.setattr(st, "_copy_file_range", refuse)
+    elif kernel_copy == "missing":
+        monkeypatch.setattr(st, "_copy_file_range", None)
+    src, raw = _source_file(tmp_path)
+    row = 48 * 2
+    items = [
+        ("whole", "F16", (64, 48), src.spans("a", [(0, 64 * row)])),
+        ("alpha", "F32", (), struct.pack("<f", 8.0)),  # small pieces are gathered between copies
+        ("rows", "F16", (10, 48), lambda: src.spans("a", [(5 * row, 15 * row)])),
+        ("swapped", "F16", (4, 48), src.spans("a", [(2 * row, 4 * row), (0, 2 * row)])),
+        ("b", "BF16", (3, 5), src.spans("b", [(0, 30)])),
+        ("c", "F32", (7,), raw["c"]),
+    ]
+    out = tmp_path / "out.safetensors"
+    write_safetensors(out, items)
+    got = safetensors.torch.load_file(out)
+    a = torch.frombuffer(bytearray(raw["a"]), dtype=torch.float16).reshape(64, 48)
+    assert torch.equal(got["whole"], a)
+    assert torch.equal(got["rows"], a[5:15])
+    assert torch.equal(got["swapped"], torch.cat([a[2:4], a[0:2]]))
+    assert as_bytes(got["b"]) == raw["b"] and as_bytes(got["c"]) == raw["c"]
+    assert got["alpha"].item() == 8.0
+    src.close()
+
+
+def test_spans_outside_the_tensor_or_of_the_wrong_size_are_refused(tmp_path):
+    src, _ = _source_file(tmp_path)
+    with pytest.raises(ValueError, match="outside tensor"):
+        src.spans("b", [(0, 31)])
+    with pytest.raises(LoraToolsError, match="got 30 bytes, F16 \\[16\\] needs 32"):
+        write_safetensors(tmp_path / "x.safetensors", [("x", "F16", (16,), src.spans("b", [(0, 30)]))])
+    assert not (tmp_path / "x.safetensors").exists()
+    src.close()
+
+
+def test_only_replacing_a_file_syncs_it_by_default(tmp_path, monkeypatch):
+    from loratools.io import safetensors as st
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(st.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    path = tmp_path / "x.safetensors"
+    write_safetensors(path, [("a", "U8", (1,), b"z")])
+    assert synced == []  # a new file: nothing to lose if the machine crashes
+    write_safetensors(path, [("a", "U8", (1,), b"y")], overwrite=True)
+    assert len(synced) == 2  # the file, then its folder (the rename)
+    monkeypatch.setattr(st, "SYNC_NEW_FILES", True)
+    write_safetensors(tmp_path / "y.safetensors", [("a", "U8", (1,), b"z")])
+    assert len(synced) == 4
+    write_safetensors(tmp_path / "z.safetensors", [("a", "U8", (1,), b"z")], sync=False)
+    assert len(synced) == 4
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
+@pytest.mark.parametrize("k", [0.5, 2.0, 2.0**-12, 2.0**14, 2.0**-40])
+def test_power_of_two_scaling_rounds_like_a_float_multiply(dtype, k):
+    """Every bit pattern class (normal, subnormal, zero, inf, NaN, values that leave the range) is scaled to
+    exactly what a correctly rounded multiply gives."""
+    from loratools.io.arrays import scale_by_power_of_two
+
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    width = torch.int16 if DTYPE_SIZES[dtype] == 2 else torch.int32
+    rng = np.random.default_rng(1)
+    bits = rng.integers(0, 2 ** (8 * DTYPE_SIZES[dtype]), 100_000, dtype=np.uint64)
+    if DTYPE_SIZES[dtype] == 2:
+        bits[:65536] = np.arange(65536)  # every 16-bit pattern
+    buf = bytearray(bits.astype(f"<u{DTYPE_SIZES[dtype]}").tobytes())
+    original = torch.frombuffer(bytearray(buf), dtype=torch_dtype)
+    assert scale_by_power_of_two(buf, dtype, k)
+    got = torch.frombuffer(buf, dtype=torch_dtype)
+    want = (original.double() * k).to(torch_dtype)
+    same = got.view(width) == want.view(width)
+    assert bool((same | (got.isnan() & want.isnan())).all())
+
+
+def test_other_scales_and_dtypes_are_left_alone():
+    from loratools.io.arrays import scale_by_power_of_two
+
+    buf = bytearray(struct.pack("<4e", 1, 2, 3, 4))
+    assert not scale_by_power_of_two(buf, "F16", 0.3)
+    assert not scale_by_power_of_two(buf, "I16", 0.5)
+    assert not scale_by_power_of_two(buf, "F16", 0.0)
+    assert buf == bytearray(struct.pack("<4e", 1, 2, 3, 4))
 
 
 def test_read_header_does_not_read_data(tmp_path):

@@ -49,8 +49,8 @@ class _Lazy:
         """Producer of factor ``which`` (0 up, 1 down, 2 mid) times ``k`` in the output dtype: the stored
         bytes when nothing changes, otherwise computed with torch."""
         rows = self.om.raw[which] if self.om.raw else None
-        if rows is not None and k == 1.0 and rows.ref.dtype == self.dtype:
-            return rows.read
+        if rows is not None and rows.ref.dtype == self.dtype:
+            return rows.data if k == 1.0 else lambda: rows.scaled(k)
         return lambda: self.scaled(self.factors()[which], k)
 
     def scaled(self, t, k: float):

@@ -5,6 +5,8 @@ Kept apart from the header reader so that reading headers never imports numpy.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # Dtypes numpy can view in place; the file is little-endian whatever the host is.
@@ -60,8 +62,6 @@ _F8_TABLES = {
 }
 
 
-
-
 def from_bytes(raw, dtype: str, shape) -> np.ndarray:
     """A tensor's bytes as numpy: a read-only view where numpy has the dtype, else float32 values."""
     if dtype in _NUMPY_DTYPES:
@@ -75,3 +75,54 @@ def little_endian_bytes(array: np.ndarray) -> np.ndarray:
     """A flat uint8 view of ``array`` in little-endian byte order (copied only when needed)."""
     le = array.astype(array.dtype.newbyteorder("<"), copy=False)
     return np.ascontiguousarray(le).reshape(-1).view(np.uint8)
+
+
+# --- scaling stored floats -------------------------------------------------------------------------------------
+
+# (unsigned view, exponent shift, exponent mask) of the IEEE-style float layouts
+_FLOAT_BITS = {"F16": ("<u2", 10, 0x1F), "BF16": ("<u2", 7, 0xFF), "F32": ("<u4", 23, 0xFF)}
+_NO_SIGN = {"<u2": 0x7FFF, "<u4": 0x7FFFFFFF}
+
+
+def scale_by_power_of_two(buf: bytearray, dtype: str, k: float) -> bool:
+    """Multiply the little-endian floats in ``buf`` by ``k`` in place, if ``k`` is a power of two and ``dtype``
+    a float layout; returns False (``buf`` untouched) otherwise.
+
+    Scaling by 2**e only moves the exponent, so for normal values whose result stays normal it is exact and is
+    done on the bits (numpy's float16 arithmetic is ~10x slower than this, and torch costs seconds to import).
+    The few values that are subnormal or leave the normal range are computed in float64 and rounded (to nearest,
+    ties to even) the way a float multiply would round them; zeros, infinities and NaNs are unchanged.
+    """
+    layout = _FLOAT_BITS.get(dtype)
+    mantissa, e = math.frexp(k)
+    if layout is None or mantissa != 0.5 or not buf:
+        return False
+    e -= 1  # k == 2**e
+    code, shift, mask = layout
+    bits = np.frombuffer(buf, dtype=code)
+    exp = (bits >> shift) & mask
+    plain = (exp > 0) & (exp < mask)
+    moved = exp.astype(np.int64) + e
+    ok = plain & (moved > 0) & (moved < mask)
+    step = np.array(abs(e) << shift, dtype=code)
+    if e >= 0:
+        np.add(bits, step, out=bits, where=ok)
+    else:
+        np.subtract(bits, step, out=bits, where=ok)
+    edge = ~ok & (exp != mask) & ((bits & _NO_SIGN[code]) != 0)  # not infinite, NaN or zero
+    if edge.any():
+        with np.errstate(over="ignore"):  # overflow gives infinity, as a float multiply would
+            bits[edge] = _encode(_decode(bits[edge], dtype) * k, dtype)
+    return True
+
+
+def _decode(bits: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return bf16_bits_to_float32(bits).astype(np.float64)
+    return bits.view("<f2" if dtype == "F16" else "<f4").astype(np.float64)
+
+
+def _encode(values: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":  # via float32 (same exponent range): that step is exact, or the value rounds to 0 anyway
+        return float32_to_bf16_bits(values.astype(np.float32))
+    return values.astype("<f2" if dtype == "F16" else "<f4").view("<u2" if dtype == "F16" else "<u4")

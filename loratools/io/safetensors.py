@@ -7,6 +7,7 @@ no streaming, atomic, one-tensor-at-a-time writer, and its errors are not the on
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import mmap
@@ -364,18 +365,32 @@ class SafetensorsFile:
         """A tensor's stored bytes (little-endian), read without decoding or mapping."""
         return self._read(self.info(name))
 
-    def _read(self, info: TensorInfo) -> bytearray:
-        """A tensor's bytes read with pread, not through the map: streaming a whole file through the map
-        would leave every page resident in this process, so peak memory would grow with the file."""
+    def spans(self, name: str, parts: Sequence[tuple[int, int]]) -> FileSpans:
+        """Byte ranges ``[lo, hi)`` of a tensor's stored bytes, for the writer to copy file to file."""
+        info = self.info(name)
+        start = self.header.data_start + info.begin
+        for lo, hi in parts:
+            if not 0 <= lo <= hi <= info.nbytes:
+                raise ValueError(f"span {lo}-{hi} is outside tensor {name!r} ({info.nbytes} bytes)")
+        return FileSpans(self, tuple((start + lo, hi - lo) for lo, hi in parts))
+
+    def fileno(self) -> int:
+        """The descriptor reads go through (opened on first use, closed by ``close``)."""
         if self._fd is None:
             try:
                 self._fd = os.open(self.path, os.O_RDONLY)
             except OSError as e:
                 raise HeaderError(f"cannot read file ({_reason(e)})", self.path) from None
+        return self._fd
+
+    def _read(self, info: TensorInfo) -> bytearray:
+        """A tensor's bytes read with pread, not through the map: streaming a whole file through the map
+        would leave every page resident in this process, so peak memory would grow with the file."""
+        fd = self.fileno()
         buf = bytearray(info.nbytes)
         view, done, start = memoryview(buf), 0, self.header.data_start + info.begin
         while done < info.nbytes:
-            n = os.preadv(self._fd, [view[done:]], start + done)
+            n = os.preadv(fd, [view[done:]], start + done)
             if n <= 0:
                 raise HeaderError("file changed after its header was read", self.path)
             done += n
@@ -394,7 +409,22 @@ class SafetensorsFile:
 
 # --- writing ---------------------------------------------------------------------------------------------------
 
-Data = Any  # bytes | memoryview | np.ndarray | torch.Tensor | Callable[[], one of those]
+Data = Any  # bytes | memoryview | np.ndarray | torch.Tensor | FileSpans | Callable[[], one of those]
+
+# Replacing a file syncs the new one to disk before the rename, so that a crash cannot lose both versions;
+# a new file is not synced unless asked (like cp and every trainer's save), which keeps writes at copy speed.
+SYNC_NEW_FILES = False
+
+
+class FileSpans:
+    """Bytes that lie in an open safetensors file, as ``(offset, length)`` spans: the writer copies them file to
+    file inside the kernel (``os.copy_file_range``), so renamed tensors never pass through this process."""
+
+    __slots__ = ("source", "spans", "nbytes")
+
+    def __init__(self, source: SafetensorsFile, spans: tuple[tuple[int, int], ...]):
+        self.source, self.spans = source, spans
+        self.nbytes = sum(n for _, n in spans)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # reading the umask means setting it; done once, at import, before any threads
@@ -437,10 +467,15 @@ def _encode_header(
     return struct.pack("<Q", len(body)) + body
 
 
-def _tensor_bytes(info: TensorInfo, data: Data, path: str) -> memoryview:
-    """Resolve ``data`` to its raw bytes, without copying where the source allows it."""
+def _tensor_bytes(info: TensorInfo, data: Data, path: str) -> memoryview | FileSpans:
+    """Resolve ``data`` to its raw bytes (or spans of another file), without copying where the source allows it."""
     if callable(data):
         data = data()
+    if isinstance(data, FileSpans):
+        if data.nbytes != info.nbytes:
+            raise LoraToolsError(f"cannot write tensor {quote_name(info.name)}: got {data.nbytes} bytes, "
+                                 f"{info.dtype} {list(info.shape)} needs {info.nbytes}", path)
+        return data
     if type(data).__module__.startswith("torch"):  # a torch.Tensor, without importing torch here
         import torch
 
@@ -478,16 +513,20 @@ def write_safetensors(
     *,
     overwrite: bool = False,
     align: int = 8,
+    sync: bool | None = None,
 ) -> None:
     """Write tensors to a safetensors file one at a time, atomically.
 
     Args:
         path: destination file.
-        items: ``(name, dtype, shape, data)`` in file order; ``data`` is bytes, a numpy array, a torch tensor, or a
-            zero-argument callable returning one, called only when that tensor is written.
+        items: ``(name, dtype, shape, data)`` in file order; ``data`` is bytes, a numpy array, a torch tensor,
+            ``FileSpans``, or a zero-argument callable returning one, called only when that tensor is written.
         metadata: the ``__metadata__`` string map.
         overwrite: replace an existing destination.
         align: the data region starts at a multiple of this many bytes.
+        sync: flush the file to disk before it is renamed into place; by default only when it replaces a file
+            (``SYNC_NEW_FILES`` extends that to new files). The rename is atomic either way: an interrupted
+            write leaves no file at the destination.
 
     Example:
         >>> write_safetensors("out.safetensors", [("x", "F32", (2,), np.zeros(2, np.float32))])  # doctest: +SKIP
@@ -497,24 +536,99 @@ def write_safetensors(
     header = _encode_header(plan, metadata, align, path)
     if os.path.isdir(path):
         raise LoraToolsError("output is a directory", path)
-    if os.path.lexists(path) and not overwrite:
+    replacing = os.path.lexists(path)
+    if replacing and not overwrite:
         raise LoraToolsError("output exists; pass --overwrite to replace it", path)
+    if sync is None:
+        sync = replacing or SYNC_NEW_FILES
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = _io(path, tempfile.mkstemp, ".tmp", "." + os.path.basename(path) + ".", folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            _io(path, os.fchmod, f.fileno(), 0o666 & ~_UMASK)  # mkstemp's 0600 would surprise users
-            _io(path, f.write, header)
+        try:
+            _io(path, os.fchmod, fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would surprise users
+            out = _Output(fd, path)
+            out.write(header)
             for info, data in plan:
-                _io(path, f.write, _tensor_bytes(info, data, path))
-            _io(path, f.flush)
-            _io(path, os.fsync, f.fileno())
+                out.write(_tensor_bytes(info, data, path))
+            out.flush()
+            if sync:
+                _io(path, os.fsync, fd)
+        finally:
+            os.close(fd)
         _io(path, os.replace, tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_folder(folder)
+    if sync:
+        _fsync_folder(folder)
+
+
+class _Output:
+    """Sequential writes to a file descriptor: small pieces are gathered into one buffer (a LoRA has thousands
+    of 4-byte alphas), large ones are written straight from their memory, and ``FileSpans`` are copied from
+    their file by the kernel. Hand-written because no library writes tensors one at a time with in-kernel copies.
+    """
+
+    GATHER = 1 << 20
+
+    def __init__(self, fd: int, path: str):
+        self.fd, self.path, self.offset, self.pending = fd, path, 0, bytearray()
+
+    def write(self, data: memoryview | bytes | FileSpans) -> None:
+        if isinstance(data, FileSpans):
+            self.flush()
+            for start, n in data.spans:
+                self._copy(data.source, start, n)
+            return
+        view = memoryview(data).cast("B")
+        if view.nbytes < self.GATHER:
+            self.pending += view
+            if len(self.pending) >= self.GATHER:
+                self.flush()
+        else:
+            self.flush()
+            self._write(view)
+
+    def flush(self) -> None:
+        if self.pending:
+            self._write(memoryview(self.pending))
+            self.pending = bytearray()
+
+    def _write(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            done += _io(self.path, os.pwrite, self.fd, view[done:], self.offset + done)
+        self.offset += done
+
+    def _copy(self, source: SafetensorsFile, start: int, n: int) -> None:
+        src, end = source.fileno(), start + n
+        while start < end:
+            k = self._kernel_copy(src, start, end - start) if _copy_file_range else None
+            if k is None:  # no in-kernel copy here: through memory, in bounded pieces
+                try:
+                    buf = os.pread(src, min(end - start, 64 << 20), start)
+                except OSError as e:
+                    raise HeaderError(f"cannot read file ({_reason(e)})", source.path) from None
+                k = len(buf)
+                self._write(memoryview(buf))
+            else:
+                self.offset += k
+            if k <= 0:
+                raise HeaderError("file changed after its header was read", source.path)
+            start += k
+
+    def _kernel_copy(self, src: int, start: int, n: int) -> int | None:
+        try:
+            return _copy_file_range(src, self.fd, n, start, self.offset)
+        except OSError as e:
+            if e.errno in _NO_KERNEL_COPY:  # not across these file systems, or not supported
+                return None
+            raise LoraToolsError(f"cannot write output ({_reason(e)})", self.path) from e
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+_copy_file_range = getattr(os, "copy_file_range", None)  # Linux only
 
 
 def _fsync_folder(folder: str) -> None:

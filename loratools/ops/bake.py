@@ -272,9 +272,11 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
         elif dtype != info.dtype:
             jobs.append((name, lambda w, d=torch_dtype: w.to(d)))
             result.copied_tensors += 1
-        else:
-            jobs.append((name, None))  # byte for byte
+        else:  # byte for byte, copied file to file by the writer
+            items.append((name, dtype, info.shape, bf.sf.spans(name, [(0, info.nbytes)])))
             result.copied_tensors += 1
+            result.bytes_written += info.nbytes
+            continue
         items.append((name, dtype, info.shape, pipe.next))
         result.bytes_written += info.numel * _size(dtype)
     pipe.start(bf.sf, jobs)

@@ -14,6 +14,7 @@ from typing import Callable
 
 from loratools.errors import FormatError, UsageError
 from loratools.families.naming import DIFFUSERS, NATIVE, Canon, NamingTable
+from loratools.io.safetensors import DTYPE_SIZES
 from loratools.model import Lora, Module, TensorRef
 
 FLAT_FORMATS = ("kohya", "lycoris", "onetrainer")
@@ -31,6 +32,36 @@ class Rows:
     lo: int
     hi: int
     swap: bool = False
+
+    def _byte_span(self) -> tuple[int, int, int]:
+        """(first byte, last byte, bytes in the first half) of the rows within the stored tensor."""
+        ref = self.ref
+        row = ref.numel * DTYPE_SIZES[ref.dtype] // ref.shape[0] if ref.shape and ref.shape[0] else 0
+        return self.lo * row, self.hi * row, (self.hi - self.lo) // 2 * row
+
+    def data(self):
+        """The rows as spans of the source file when it has them (the writer copies those file to file),
+        else as bytes."""
+        spans = getattr(self.ref.source, "spans", None)
+        if spans is None:
+            return self.read()
+        lo, hi, half = self._byte_span()
+        parts = [(lo + half, hi), (lo, lo + half)] if self.swap else [(lo, hi)]
+        return spans(self.ref.key, parts)
+
+    def scaled(self, k: float):
+        """The rows times ``k``, in their stored dtype (one rounding; exact and torch-free for powers of two)."""
+        from loratools.io.arrays import scale_by_power_of_two
+
+        data = bytearray(self.read())
+        if data and not scale_by_power_of_two(data, self.ref.dtype, k):
+            import torch
+
+            from loratools.io.safetensors import TORCH_DTYPES
+
+            t = torch.frombuffer(data, dtype=getattr(torch, TORCH_DTYPES[self.ref.dtype]))
+            t.copy_(t.double() * k)  # small tensors; float64 so that the only rounding is the final one
+        return data
 
     def read(self) -> bytes:
         ref = self.ref
