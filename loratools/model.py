@@ -41,9 +41,11 @@ class TensorRef:
     def scalar(self) -> float:
         """The value of a 0-d or one-element tensor (kohya `.alpha`), read without torch or numpy."""
         fmt = _SCALAR_FORMATS.get(self.dtype)
-        raw = getattr(self.source, "raw", None)
-        if fmt is not None and raw is not None and self.numel >= 1:
-            data = bytes(raw(self.key)[: struct.calcsize(fmt)])
+        # pread, not the memory map: a mapped page of a file the kernel caches in large folios brings the
+        # whole folio into this process's resident set, hundreds of MB for a file's alphas
+        read = getattr(self.source, "read_bytes", None)
+        if fmt is not None and read is not None and 1 <= self.numel <= 64:
+            data = bytes(read(self.key)[: struct.calcsize(fmt)])
             if self.dtype == "BF16":  # the top half of a float32
                 return struct.unpack("<f", b"\0\0" + data)[0]
             return float(struct.unpack(fmt, data)[0])

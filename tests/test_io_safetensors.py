@@ -231,23 +231,29 @@ def _source_file(tmp_path) -> tuple[SafetensorsFile, dict[str, bytes]]:
     return SafetensorsFile(path), {k: as_bytes(v) for k, v in tensors.items()}
 
 
-@pytest.mark.parametrize("kernel_copy", ["available", "refused", "missing"])
+@pytest.mark.parametrize("kernel_copy", ["used", "misaligned", "refused", "missing"])
 def test_spans_are_copied_file_to_file(tmp_path, monkeypatch, kernel_copy):
     from loratools.io import safetensors as st
+
+    calls = []
 
     def refuse(*_args):
         raise OSError(errno.EXDEV, "cross-device")
 
-    if kernel_copy == "refused":
-        monkeypatch.setattr(st, "_copy_file_range", refuse)
-    elif kernel_copy == "missing":
-        monkeypatch.setattr(st, "_copy_file_range", None)
+    def counted(*args):
+        calls.append(args[2])
+        return os.copy_file_range(*args)
+
+    monkeypatch.setattr(st, "_copy_file_range", {"refused": refuse, "missing": None}.get(kernel_copy, counted))
+    if kernel_copy != "misaligned":
+        monkeypatch.setattr(st._Output, "KERNEL_ALIGN", 1)
     src, raw = _source_file(tmp_path)
     row = 48 * 2
     items = [
         ("whole", "F16", (64, 48), src.spans("a", [(0, 64 * row)])),
         ("alpha", "F32", (), struct.pack("<f", 8.0)),  # small pieces are gathered between copies
         ("rows", "F16", (10, 48), lambda: src.spans("a", [(5 * row, 15 * row)])),
+        ("next", "F16", (5, 48), src.spans("a", [(15 * row, 20 * row)])),  # continues "rows" in the source
         ("swapped", "F16", (4, 48), src.spans("a", [(2 * row, 4 * row), (0, 2 * row)])),
         ("b", "BF16", (3, 5), src.spans("b", [(0, 30)])),
         ("c", "F32", (7,), raw["c"]),
@@ -257,10 +263,12 @@ def test_spans_are_copied_file_to_file(tmp_path, monkeypatch, kernel_copy):
     got = safetensors.torch.load_file(out)
     a = torch.frombuffer(bytearray(raw["a"]), dtype=torch.float16).reshape(64, 48)
     assert torch.equal(got["whole"], a)
-    assert torch.equal(got["rows"], a[5:15])
+    assert torch.equal(got["rows"], a[5:15]) and torch.equal(got["next"], a[15:20])
     assert torch.equal(got["swapped"], torch.cat([a[2:4], a[0:2]]))
     assert as_bytes(got["b"]) == raw["b"] and as_bytes(got["c"]) == raw["c"]
     assert got["alpha"].item() == 8.0
+    if kernel_copy == "used":  # spans that continue each other in the source are copied in one call
+        assert sorted(calls) == sorted([64 * row, 15 * row, 2 * row, 2 * row, 30])
     src.close()
 
 

@@ -98,21 +98,25 @@ def scale_by_power_of_two(buf: bytearray, dtype: str, k: float) -> bool:
     if layout is None or mantissa != 0.5 or not buf:
         return False
     e -= 1  # k == 2**e
-    code, shift, mask = layout
+    code, shift, top = layout
     bits = np.frombuffer(buf, dtype=code)
-    exp = (bits >> shift) & mask
-    plain = (exp > 0) & (exp < mask)
-    moved = exp.astype(np.int64) + e
-    ok = plain & (moved > 0) & (moved < mask)
+    lo, hi = max(1, 1 - e), min(top - 1, top - 1 - e)  # exponents that are normal before and after
+    if lo <= hi:
+        # lo <= exponent <= hi as one unsigned compare: exponents below lo wrap around to large numbers
+        field = np.bitwise_and(bits, np.array(top << shift, dtype=code))
+        field -= np.array(lo << shift, dtype=code)
+        rest = np.flatnonzero(field > np.array((hi - lo) << shift, dtype=code))
+    else:  # no value stays normal (a huge k)
+        rest = np.arange(bits.size)
+    others = bits[rest]  # zeros, subnormals, infinities, NaNs and values that leave the normal range
     step = np.array(abs(e) << shift, dtype=code)
-    if e >= 0:
-        np.add(bits, step, out=bits, where=ok)
-    else:
-        np.subtract(bits, step, out=bits, where=ok)
-    edge = ~ok & (exp != mask) & ((bits & _NO_SIGN[code]) != 0)  # not infinite, NaN or zero
-    if edge.any():
+    (np.add if e > 0 else np.subtract)(bits, step, out=bits)  # the exponent moves; `others` are redone below
+    if rest.size:
+        exp = (others >> shift) & top
+        plain = (exp != top) & ((others & _NO_SIGN[code]) != 0)  # zeros, infinities and NaNs stay as they are
         with np.errstate(over="ignore"):  # overflow gives infinity, as a float multiply would
-            bits[edge] = _encode(_decode(bits[edge], dtype) * k, dtype)
+            others[plain] = _encode(_decode(others[plain], dtype) * k, dtype)
+        bits[rest] = others
     return True
 
 

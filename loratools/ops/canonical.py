@@ -53,7 +53,9 @@ class Rows:
         """The rows times ``k``, in their stored dtype (one rounding; exact and torch-free for powers of two)."""
         from loratools.io.arrays import scale_by_power_of_two
 
-        data = bytearray(self.read())
+        data = self.read()
+        if not isinstance(data, bytearray):  # a slice of the stored tensor: a copy we may change
+            data = bytearray(data)
         if data and not scale_by_power_of_two(data, self.ref.dtype, k):
             import torch
 
