@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import resource
 import subprocess
@@ -71,15 +72,23 @@ def in_child(fn, *args, **kwargs):
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one child process, waited for alone (its own ru_maxrss)."""
-    import os
+    """Wall seconds and peak RSS (MB) of one child process, waited for alone (its own ru_maxrss).
 
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    if status != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
+    Dirty pages left by earlier steps are flushed first (os.sync), so that no variant pays for another's
+    writeback; the child's stderr is shown only if it fails."""
+    import os
+    import tempfile
+
+    os.sync()
+    with tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        if status != 0:
+            err.seek(0)
+            sys.stderr.write(err.read().decode(errors="replace")[-4000:])
+            raise SystemExit(f"failed: {' '.join(cmd)}")
     return wall, usage.ru_maxrss / 1024
 
 
@@ -88,6 +97,7 @@ def timed(cmd: list[str], repeat: int = 1) -> tuple[float, float]:
     best, rss = float("inf"), 0.0
     for _ in range(repeat):
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        os.sync()
         t = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
         best = min(best, time.perf_counter() - t)

@@ -1,6 +1,7 @@
 """`loratools resize` / `merge` / `convert --lossy-rank` from the command line: outputs, reports, bad input."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -139,3 +140,18 @@ def test_interrupted_command_exits_2_without_output(sdxl, tmp_path, monkeypatch,
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip() == "loratools: error: interrupted; no output was written"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sync_flag_flushes_new_outputs(sdxl, tmp_path, monkeypatch):
+    from loratools.io import safetensors
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(safetensors.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
+    monkeypatch.setattr(safetensors, "SYNC_NEW_FILES", False)  # restored after the test, whatever --sync sets
+    assert cli_run("convert", sdxl, "--to", "comfy", "-o", tmp_path / "a.safetensors").exit_code == 0
+    assert synced == []
+    res = cli_run("--sync", "convert", sdxl, "--to", "comfy", "-o", tmp_path / "b.safetensors")
+    assert res.exit_code == 0, res.output
+    assert len(synced) == 2  # the file and its folder
+    assert loratools.verify(sdxl, tmp_path / "b.safetensors").equal

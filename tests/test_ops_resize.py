@@ -199,6 +199,10 @@ def loha(seed=0, out=24, inp=18, r=4, alpha=2.0):
 @pytest.mark.parametrize("make,label", [
     (loha, "LoHa"),
     (lambda: make_module(LoKr, alpha=None, lokr_w1=torch.randn(4, 3), lokr_w2=torch.randn(6, 5)), "LoKr"),
+    # decomposed factors, ΔW of rank 2·4 = 8: the Kronecker SVD path must still cut optimally
+    (lambda: make_module(LoKr, alpha=4.0, lokr_w1_a=torch.randn(4, 2), lokr_w1_b=torch.randn(2, 3),
+                         lokr_w2_a=torch.randn(16, 4), lokr_w2_b=torch.randn(4, 12)), "LoKr"),
+    (lambda: make_module(LoKr, alpha=None, lokr_w1=torch.randn(2, 2), lokr_w2=torch.randn(5, 4, 3, 3)), "LoKr"),
     (lambda: make_module(Full, diff=torch.randn(20, 12), diff_b=torch.randn(20)), "full-diff"),
 ])
 def test_lossy_types_need_lossy_rank_then_are_optimal(make, label):
@@ -215,6 +219,20 @@ def test_lossy_types_need_lossy_rank_then_are_optimal(make, label):
     assert row["lossy_error"] == pytest.approx(optimal_error(ref, 6) / float(ref.norm()), rel=1e-4)
     if m.adapter.has("diff_b"):
         assert torch.equal(new.adapter.t("diff_b").torch(), m.adapter.t("diff_b").torch())
+
+
+def test_kronecker_svd_matches_the_dense_one():
+    from loratools.ops.resize import kron_svd
+
+    g = torch.Generator().manual_seed(3)
+    w1, w2 = torch.randn(3, 5, generator=g, dtype=F64), torch.randn(7, 4, generator=g, dtype=F64)
+    full = torch.kron(w1, w2)
+    u, s, vh, total, residual = kron_svd(w1, w2, 6)
+    want = torch.linalg.svdvals(full)
+    assert torch.allclose(s, want[:6], rtol=1e-12)
+    assert torch.allclose(u.T @ u, torch.eye(6, dtype=F64), atol=1e-12)  # orthonormal, as an SVD's
+    assert total == pytest.approx(float(full.norm()) ** 2, rel=1e-12)
+    assert residual == pytest.approx(float((full - u @ torch.diag(s) @ vh).norm()) ** 2, rel=1e-9)
 
 
 def test_lossy_then_smaller_rank():

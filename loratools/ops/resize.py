@@ -144,6 +144,16 @@ def _lossy_factors(m: Module, device, lossy_rank: int | None) -> Factors:
     if lossy_rank is None:  # check_modules normally says so first
         raise UsageError(f"{LOSSY.get(a.kind, a.kind)} modules need --lossy-rank N to become LoRA (a lossy SVD)")
     first = next(iter(a.tensors.values())).torch()
+    if a.kind == "lokr":
+        w1, w2 = a._w1(), a._w2()
+        if w2.dim() == 2:  # ΔW = kron(w1, w2): its SVD comes from the factors' SVDs, exactly, without ΔW
+            cdt = compute_dtype(first)
+            u, s, vh, total, residual = kron_svd(w1.to(device, cdt), w2.to(device, cdt), lossy_rank)
+            up, down = split_factors(u, s, vh, s.shape[0])
+            shape = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
+            err = math.sqrt(residual / total) if total > 0 else 0.0
+            return Factors(up, down, m.scale, shape, 2, first.dtype, total=total, residual=residual,
+                           lossy_error=err)
     dense = a.delta()
     shape = tuple(dense.shape)
     mat = dense.to(device, compute_dtype(first)).flatten(1)
@@ -158,6 +168,27 @@ def _lossy_factors(m: Module, device, lossy_rank: int | None) -> Factors:
     biases = {"diff_b": a.t("diff_b").torch()} if a.kind == "full" and a.has("diff_b") else {}
     return Factors(up, down, m.scale, shape, len(shape) if len(shape) > 2 else 2, first.dtype,
                    total=total, residual=residual, lossy_error=err, biases=biases)
+
+
+def kron_svd(w1, w2, k: int):
+    """Top-``k`` SVD terms of kron(w1, w2), plus ‖kron‖² and the squared error of the cut.
+
+    The singular triplets of a Kronecker product are the Kronecker products of its factors' triplets, so two
+    small SVDs replace one of the (out x in) product: exact, and the discarded terms give the error directly.
+    """
+    import torch
+
+    u1, s1, v1 = torch.linalg.svd(w1, full_matrices=False)
+    u2, s2, v2 = torch.linalg.svd(w2, full_matrices=False)
+    products = torch.outer(s1, s2).flatten()
+    top = torch.topk(products, min(k, products.numel())).indices  # largest first
+    i, j = top // s2.numel(), top % s2.numel()
+    u = (u1[:, i][:, None, :] * u2[:, j][None, :, :]).reshape(-1, top.numel())  # kron(u1[:, i], u2[:, j])
+    vh = (v1[i][:, :, None] * v2[j][:, None, :]).reshape(top.numel(), -1)  # kron(v1[i], v2[j])
+    squares = products.double() ** 2
+    total = float(squares.sum())
+    squares[top] = 0
+    return u, products[top], vh, total, float(squares.sum())
 
 
 def lora_module(template: Module, up, down, alpha: float, f: Factors, mem: MemorySource, dtype,
