@@ -572,7 +572,7 @@ class _Output:
     ext4, an in-kernel copy to a misaligned offset is slower than pread + pwrite. Hand-written because no
     library writes tensors one at a time with in-file copies."""
 
-    GATHER = 1 << 20
+    GATHER = 64 << 10
     CHUNK = 16 << 20
     KERNEL_ALIGN = mmap.PAGESIZE
 
