@@ -74,10 +74,12 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
 
 
 def _run(work: list[tuple], jobs: int, show: bool) -> list[dict]:
+    if not show or len(work) == 1:  # no bar to show: skip importing rich.progress (~50 ms)
+        return _run_plain(work, jobs)
     from rich.progress import Progress
 
     results: list[dict] = []
-    with Progress(transient=True, disable=not show, console=_stderr()) as bar:
+    with Progress(transient=True, console=_stderr()) as bar:
         task = bar.add_task("converting", total=len(work))
         if jobs > 1 and len(work) > 1:
             from concurrent.futures import ProcessPoolExecutor
@@ -91,6 +93,15 @@ def _run(work: list[tuple], jobs: int, show: bool) -> list[dict]:
                 results.append(_one(w))
                 bar.advance(task)
     return results
+
+
+def _run_plain(work: list[tuple], jobs: int) -> list[dict]:
+    if jobs > 1 and len(work) > 1:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            return list(pool.map(_one, work))
+    return [_one(w) for w in work]
 
 
 def _stderr():

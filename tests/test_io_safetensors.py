@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import struct
 import subprocess
@@ -253,7 +254,7 @@ def test_spans_are_copied_file_to_file(tmp_path, monkeypatch, kernel_copy):
         ("whole", "F16", (64, 48), src.spans("a", [(0, 64 * row)])),
         ("alpha", "F32", (), struct.pack("<f", 8.0)),  # small pieces are gathered between copies
         ("rows", "F16", (10, 48), lambda: src.spans("a", [(5 * row, 15 * row)])),
-        ("next", "F16", (5, 48), src.spans("a", [(15 * row, 20 * row)])),  # continues "rows" in the source
+        ("next", "F16", (5, 48), lambda: src.spans("a", [(15 * row, 20 * row)])),  # continues "rows"
         ("swapped", "F16", (4, 48), src.spans("a", [(2 * row, 4 * row), (0, 2 * row)])),
         ("b", "BF16", (3, 5), src.spans("b", [(0, 30)])),
         ("c", "F32", (7,), raw["c"]),
@@ -269,6 +270,32 @@ def test_spans_are_copied_file_to_file(tmp_path, monkeypatch, kernel_copy):
     assert got["alpha"].item() == 8.0
     if kernel_copy == "used":  # spans that continue each other in the source are copied in one call
         assert sorted(calls) == sorted([64 * row, 15 * row, 2 * row, 2 * row, 30])
+    src.close()
+
+
+def test_copies_follow_their_source_order_and_page(tmp_path, monkeypatch):
+    """Spans given in any order are laid out in source order behind the other tensors, copied in one piece,
+    at the same place within a page as in the source; the header keeps the names in the given order."""
+    from loratools.io import safetensors as st
+
+    calls = []
+    monkeypatch.setattr(st, "_copy_file_range", lambda *a: (calls.append(a), os.copy_file_range(*a))[1])
+    src, raw = _source_file(tmp_path)
+    infos = src.header.tensors
+    items = [("alpha", "F64", (), struct.pack("<d", 4.0))]  # 8 bytes: the data region stays 8-aligned
+    items += [(f"out.{n}", infos[n].dtype, infos[n].shape, src.spans(n, [(0, infos[n].nbytes)]))
+              for n in reversed(list(infos))]
+    out = tmp_path / "out.safetensors"
+    write_safetensors(out, items, group_copies=True)
+    header = read_header(out)
+    assert list(header.tensors) == [name for name, *_ in items]
+    assert len(calls) == 1 and calls[0][2] == sum(i.nbytes for i in infos.values())
+    first = min(infos.values(), key=lambda i: i.begin)
+    assert (header.data_start + header.tensors["out." + first.name].begin) % mmap.PAGESIZE == \
+        (src.header.data_start + first.begin) % mmap.PAGESIZE
+    assert header.data_start % 8 == 0
+    got = safetensors.torch.load_file(out)
+    assert all(as_bytes(got["out." + n]) == raw[n] for n in raw) and got["alpha"].item() == 4.0
     src.close()
 
 

@@ -93,7 +93,7 @@ def _read_stem(st: _Stem, fmt: str, config: AdapterConfig | None, result: ReadRe
         alpha = st.roles.get("alpha")
         module = Module(
             name=st.name, component=st.component, adapter=adapter,
-            alpha=None if alpha is None else alpha.scalar(),
+            alpha=None if alpha is None else alpha.scalar(), alpha_ref=alpha,
             magnitude=st.roles.get("dora_scale"),
             keys=sorted(st.keys[r] for r in taken),
         )

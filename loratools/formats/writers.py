@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 from loratools.errors import LoraToolsError, UsageError
-from loratools.io.safetensors import write_safetensors
+from loratools.io.safetensors import DTYPE_SIZES, write_safetensors
 from loratools.ops.canonical import OutModule
 
 TARGETS = ("kohya", "diffusers", "peft", "comfy")
@@ -50,7 +50,10 @@ class _Lazy:
         bytes when nothing changes, otherwise computed with torch."""
         rows = self.om.raw[which] if self.om.raw else None
         if rows is not None and rows.ref.dtype == self.dtype:
-            return rows.data if k == 1.0 else lambda: rows.scaled(k)
+            if k != 1.0:
+                return lambda: rows.scaled(k)
+            spans = rows.spans()  # known without reading
+            return rows.read if spans is None else spans
         return lambda: self.scaled(self.factors()[which], k)
 
     def scaled(self, t, k: float):
@@ -87,7 +90,7 @@ def kohya_items(mods: list[OutModule], table, fmt: str, dtype: str | None, model
         prefix = _slot_prefix(om, table, fmt, model_prefix)
         stem = prefix + (om.name.replace(".", "_") if fmt == "kohya" else om.name)
         up_shape, down_shape, mid_shape = _shapes(om)
-        yield f"{stem}.alpha", "F32", (), struct.pack("<f", om.scale * om.rank)
+        yield (f"{stem}.alpha", *_alpha(om))
         yield f"{stem}.lora_down.weight", lazy.dtype, down_shape, lazy.data(1)
         if mid_shape:
             yield f"{stem}.lora_mid.weight", lazy.dtype, mid_shape, lazy.data(2)
@@ -99,13 +102,26 @@ def kohya_items(mods: list[OutModule], table, fmt: str, dtype: str | None, model
             yield f"{stem}.diff_b", lazy.dtype, (up_shape[0],), lambda z=lazy: z.cast(z.om.bias())
 
 
+def _alpha(om: OutModule) -> tuple:
+    """(dtype, shape, data) of a kohya `.alpha`: the stored tensor as it is when it still holds the module's
+    alpha (its bytes then travel with the factors' in one copy), else a float32 scalar."""
+    alpha, ref = om.scale * om.rank, om.alpha_ref
+    spans = getattr(ref.source, "spans", None) if ref is not None else None
+    if spans is not None and ref.dtype in _TORCH and ref.numel == 1 and ref.scalar() == alpha:
+        return ref.dtype, ref.shape, spans(ref.key, [(0, DTYPE_SIZES[ref.dtype])])
+    return "F32", (), struct.pack("<f", alpha)
+
+
 def _last(lazy: _Lazy, value):
     lazy.done()
     return value
 
 
 def _then_done(lazy: _Lazy, produce):
-    """A producer that drops the module's cached factors once the last of its tensors is made."""
+    """A producer that drops the module's cached factors once the last of its tensors is made (stored
+    spans, not a producer, need no factors)."""
+    if not callable(produce):
+        return produce
     return lambda: _last(lazy, produce())
 
 
@@ -175,13 +191,14 @@ def write_target(mods: list[OutModule], table, fmt: str, dest: Path, metadata: d
                  overwrite: bool, model_prefix: str) -> list[Path]:
     """Write ``mods`` as ``fmt`` at ``dest`` (a file, or a folder for PEFT); returns what was written."""
     if fmt in ("kohya", "comfy"):
-        write_safetensors(dest, list(kohya_items(mods, table, fmt, dtype, model_prefix)), metadata, overwrite=overwrite)
+        write_safetensors(dest, list(kohya_items(mods, table, fmt, dtype, model_prefix)), metadata, overwrite=overwrite,
+                          group_copies=True)
         return [dest]
     if fmt == "diffusers":
         prefix = lambda om: _slot_prefix(om, table, "diffusers", model_prefix)  # noqa: E731
         items = list(peft_style_items(mods, table, fmt, dtype, prefix, fold=True))
         meta = {**metadata, "format": "pt", "lora_adapter_metadata": _diffusers_metadata(mods, table, model_prefix)}
-        write_safetensors(dest, items, meta, overwrite=overwrite)
+        write_safetensors(dest, items, meta, overwrite=overwrite, group_copies=True)
         return [dest]
     if fmt == "peft":
         return _write_peft_folders(mods, table, dest, metadata, dtype=dtype, overwrite=overwrite,
@@ -225,7 +242,8 @@ def _write_peft_folders(mods, table, dest: Path, metadata: dict, *, dtype, overw
             folder = tmp / comp
             folder.mkdir()
             items = list(peft_style_items(group, table, "peft", dtype, lambda om: "base_model.model.", fold=False))
-            write_safetensors(folder / "adapter_model.safetensors", items, {**metadata, "format": "pt"})
+            write_safetensors(folder / "adapter_model.safetensors", items, {**metadata, "format": "pt"},
+                              group_copies=True)
             (folder / "adapter_config.json").write_text(json.dumps(peft_config(group), indent=2, sort_keys=True))
         if dest.exists():
             shutil.rmtree(dest) if dest.is_dir() else os.remove(dest)

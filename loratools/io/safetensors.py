@@ -448,9 +448,31 @@ def _plan(items: Iterable[tuple[str, str, Sequence[int], Data]], path: str) -> l
     return plan
 
 
-def _encode_header(
-    plan: list[tuple[TensorInfo, Data]], metadata: dict[str, str] | None, align: int, path: str
-) -> bytes:
+def _copies_last(items: Iterable[tuple[str, str, Sequence[int], Data]]) -> list:
+    """The items with data given as ``FileSpans`` moved behind the others and put in their source's order, so
+    that spans which follow each other in the source are copied in one piece (a rename copies the whole data
+    region at once). Everything else keeps its order, so producers are still called in the order given; the
+    header lists the names in that order whatever the layout."""
+    items = list(items)
+    copies = [it for it in items if isinstance(it[3], FileSpans)]
+    if not copies:
+        return items
+    rest = [it for it in items if not isinstance(it[3], FileSpans)]
+    order = {id(src): k for k, src in enumerate(dict.fromkeys(it[3].source for it in copies))}
+    copies.sort(key=lambda it: (order[id(it[3].source)], it[3].spans[0][0] if it[3].spans else 0))
+    return rest + copies
+
+
+def _page_offset(plan: list[tuple[TensorInfo, Data]]) -> tuple[int, int] | None:
+    """(offset in the data region, offset in its source) of the first copied span, for aligning the two."""
+    for info, data in plan:
+        if isinstance(data, FileSpans) and data.spans:
+            return info.begin, data.spans[0][0]
+    return None
+
+
+def _encode_header(plan: list[tuple[TensorInfo, Data]], metadata: dict[str, str] | None, align: int, path: str,
+                   copy_at: tuple[int, int] | None = None, names: list[str] | None = None) -> bytes:
     if not isinstance(align, int) or align < 1:
         raise ValueError(f"align must be a positive integer, not {align!r}")
     obj: dict[str, Any] = {}
@@ -458,10 +480,19 @@ def _encode_header(
         if not isinstance(metadata, dict) or not all(_is_text(k) and _is_text(v) for k, v in metadata.items()):
             raise LoraToolsError("metadata must map strings to strings", path)
         obj["__metadata__"] = metadata
-    for info, _ in plan:
+    infos = {info.name: info for info, _ in plan}
+    for info in (infos[n] for n in names) if names is not None else infos.values():
         obj[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
     body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-    body += b" " * (-(8 + len(body)) % align)  # spaces are valid JSON padding
+    pad = -(8 + len(body)) % align  # spaces are valid JSON padding
+    if copy_at is not None:
+        # Pad further so the copied bytes sit at the same place within a page as in their source: the kernel
+        # then copies them file to file (or shares the blocks, on file systems that can)
+        at, source = copy_at
+        page = (source - (8 + len(body) + at)) % mmap.PAGESIZE
+        if page % align == pad % align:
+            pad = page
+    body += b" " * pad
     if len(body) > MAX_HEADER_SIZE:  # no reader would open the file
         raise LoraToolsError(f"cannot write a header of {len(body)} bytes; the limit is {MAX_HEADER_SIZE}", path)
     return struct.pack("<Q", len(body)) + body
@@ -514,6 +545,7 @@ def write_safetensors(
     overwrite: bool = False,
     align: int = 8,
     sync: bool | None = None,
+    group_copies: bool = False,
 ) -> None:
     """Write tensors to a safetensors file one at a time, atomically.
 
@@ -524,6 +556,8 @@ def write_safetensors(
         metadata: the ``__metadata__`` string map.
         overwrite: replace an existing destination.
         align: the data region starts at a multiple of this many bytes.
+        group_copies: lay tensors given as ``FileSpans`` out behind the others, in their source's order (see
+            ``_copies_last``); otherwise the data region follows the given order.
         sync: flush the file to disk before it is renamed into place; by default only when it replaces a file
             (``SYNC_NEW_FILES`` extends that to new files). The rename is atomic either way: an interrupted
             write leaves no file at the destination.
@@ -532,8 +566,9 @@ def write_safetensors(
         >>> write_safetensors("out.safetensors", [("x", "F32", (2,), np.zeros(2, np.float32))])  # doctest: +SKIP
     """
     path = os.fspath(path)
-    plan = _plan(items, path)
-    header = _encode_header(plan, metadata, align, path)
+    items = list(items)
+    plan = _plan(_copies_last(items) if group_copies else items, path)
+    header = _encode_header(plan, metadata, align, path, _page_offset(plan), [it[0] for it in items])
     if os.path.isdir(path):
         raise LoraToolsError("output is a directory", path)
     replacing = os.path.lexists(path)

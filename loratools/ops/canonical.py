@@ -39,12 +39,12 @@ class Rows:
         row = ref.numel * DTYPE_SIZES[ref.dtype] // ref.shape[0] if ref.shape and ref.shape[0] else 0
         return self.lo * row, self.hi * row, (self.hi - self.lo) // 2 * row
 
-    def data(self):
-        """The rows as spans of the source file when it has them (the writer copies those file to file),
-        else as bytes."""
+    def spans(self):
+        """The rows as spans of their source file (the writer copies those file to file), or None when the
+        source is not a file."""
         spans = getattr(self.ref.source, "spans", None)
         if spans is None:
-            return self.read()
+            return None
         lo, hi, half = self._byte_span()
         parts = [(lo + half, hi), (lo, lo + half)] if self.swap else [(lo, hi)]
         return spans(self.ref.key, parts)
@@ -101,6 +101,7 @@ class OutModule:
     sources: list[str] = field(default_factory=list)
     shapes: tuple | None = None  # (up, down, mid or None) shapes, known before any tensor is read
     raw: tuple | None = None  # (up, down, mid) as Rows when the factors are stored rows, unchanged
+    alpha_ref: TensorRef | None = None  # a stored alpha that may be copied as it is (if its value still fits)
 
 
 def _spaces(lora: Lora, table: NamingTable) -> dict[str, str]:
@@ -213,7 +214,7 @@ def _rename(m: Module, c: Canon, rule, naming: str) -> OutModule:
     raw = (Rows(a.up, 0, a.up.shape[0], swap), Rows(a.down, 0, a.down.shape[0]),
            Rows(a.t("lora_mid"), 0, mid[0]) if mid else None)
     return OutModule(c.space, c.native, name, factors, m.rank, m.scale, a.up.dtype, magnitude, axis,
-                     _bias(m), [m.name], (a.up.shape, a.down.shape, mid), raw)
+                     _bias(m), [m.name], (a.up.shape, a.down.shape, mid), raw, m.alpha_ref)
 
 
 def _bias(m: Module):
