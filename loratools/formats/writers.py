@@ -1,9 +1,10 @@
 """Writing planned LoRA modules in each target format (kohya, comfy, diffusers, PEFT folders).
 
 Writer rules that decide whether real loaders accept our files: kohya and comfy keep an `.alpha` per module
-(the stored tensor itself when its value still holds, else float32); diffusers folds alpha into the factors (as diffusers' own converters do) and writes no `.alpha`;
-PEFT writes `r`, `lora_alpha`, `^`-anchored `rank_pattern`/`alpha_pattern` and full-path `target_modules`,
-one adapter folder per component. Conv factors stay 4-D. Tensors are produced one at a time.
+(the stored tensor itself when its value still holds, else float32); diffusers folds alpha into the factors
+(as diffusers' own converters do) and writes no `.alpha`; PEFT writes `r`, `lora_alpha`, `^`-anchored
+`rank_pattern`/`alpha_pattern` and full-path `target_modules`, one adapter folder per component. Conv factors
+stay 4-D. Tensors are produced one at a time.
 """
 
 from __future__ import annotations

@@ -417,8 +417,8 @@ SYNC_NEW_FILES = False
 
 
 class FileSpans:
-    """Bytes that lie in an open safetensors file, as ``(offset, length)`` spans: the writer copies them file to
-    file inside the kernel (``os.copy_file_range``), so renamed tensors never pass through this process."""
+    """Bytes that lie in an open safetensors file, as ``(offset, length)`` spans: the writer copies them from that
+    file (see ``_Output``) instead of decoding them, so renamed tensors are never read into tensors."""
 
     __slots__ = ("source", "spans", "nbytes")
 
@@ -499,7 +499,7 @@ def _encode_header(plan: list[tuple[TensorInfo, Data]], metadata: dict[str, str]
 
 
 def _tensor_bytes(info: TensorInfo, data: Data, path: str) -> memoryview | FileSpans:
-    """Resolve ``data`` to its raw bytes (or spans of another file), without copying where the source allows it."""
+    """Resolve ``data`` to its raw bytes (or spans of another file), without copying where it can."""
     if callable(data):
         data = data()
     if isinstance(data, FileSpans):
