@@ -299,6 +299,26 @@ def test_copies_follow_their_source_order_and_page(tmp_path, monkeypatch):
     src.close()
 
 
+def test_large_copies_start_at_a_unit_boundary_of_their_source(tmp_path, monkeypatch):
+    from loratools.io import safetensors as st
+
+    calls = []
+    monkeypatch.setattr(st, "_copy_file_range", lambda *a: (calls.append(a), os.copy_file_range(*a))[1])
+    monkeypatch.setattr(st, "_COPY_UNIT", 8192)
+    monkeypatch.setattr(st, "_LARGE_FILE", 1)
+    values = torch.arange(30_000, dtype=torch.float32)
+    safetensors.torch.save_file({"x": values}, tmp_path / "src.safetensors")
+    src = SafetensorsFile(tmp_path / "src.safetensors")
+    out = tmp_path / "out.safetensors"
+    write_safetensors(out, [("x", "F32", (30_000,), src.spans("x", [(0, 120_000)]))], group_copies=True)
+    begin = src.header.data_start
+    assert [(c[2], c[3], c[4] % 8192) for c in calls] == [
+        ((-begin) % 8192, begin, begin % 8192),  # the head, up to the source's next 8 KiB boundary
+        (120_000 - (-begin) % 8192, begin + (-begin) % 8192, 0)]  # the rest, at the same place within 8 KiB
+    assert torch.equal(safetensors.torch.load_file(out)["x"], values)
+    src.close()
+
+
 def test_spans_outside_the_tensor_or_of_the_wrong_size_are_refused(tmp_path):
     src, _ = _source_file(tmp_path)
     with pytest.raises(ValueError, match="outside tensor"):
