@@ -75,7 +75,7 @@ class Module:
     keys: list[str] = field(default_factory=list)
     target: str | None = None
     slice: tuple[int, int] | None = None
-    alpha_ref: TensorRef | None = None  # the stored alpha this module's alpha was read from, if any
+    alpha_ref: TensorRef | None = None  # the stored tensor ``alpha`` was read from (so it holds that value)
 
     @property
     def rank(self) -> int | None:

@@ -319,6 +319,22 @@ def test_large_copies_start_at_a_unit_boundary_of_their_source(tmp_path, monkeyp
     src.close()
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_source_cut_short_while_copying_is_a_clean_error(tmp_path, monkeypatch, kernel_copy):
+    from loratools.io import safetensors as st
+
+    monkeypatch.setattr(st._Output, "KERNEL_ALIGN", 1)
+    if not kernel_copy:
+        monkeypatch.setattr(st, "_copy_file_range", None)
+    src, _ = _source_file(tmp_path)
+    os.truncate(src.path, src.header.file_size - 100)  # after its header was read
+    with pytest.raises(HeaderError) as err:
+        write_safetensors(tmp_path / "out.safetensors", [("a", "F16", (64, 48), src.spans("a", [(0, 6144)]))])
+    assert err.value.message == "file changed after its header was read" and err.value.path == src.path
+    assert sorted(os.listdir(tmp_path)) == ["src.safetensors"]
+    src.close()
+
+
 def test_spans_outside_the_tensor_or_of_the_wrong_size_are_refused(tmp_path):
     src, _ = _source_file(tmp_path)
     with pytest.raises(ValueError, match="outside tensor"):

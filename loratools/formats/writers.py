@@ -106,11 +106,11 @@ def kohya_items(mods: list[OutModule], table, fmt: str, dtype: str | None, model
 def _alpha(om: OutModule) -> tuple:
     """(dtype, shape, data) of a kohya `.alpha`: the stored tensor as it is when it still holds the module's
     alpha (its bytes then travel with the factors' in one copy), else a float32 scalar."""
-    alpha, ref = om.scale * om.rank, om.alpha_ref
+    ref = om.alpha_ref
     spans = getattr(ref.source, "spans", None) if ref is not None else None
-    if spans is not None and ref.dtype in _TORCH and ref.numel == 1 and ref.scalar() == alpha:
+    if spans is not None and ref.dtype in _TORCH and ref.numel == 1:
         return ref.dtype, ref.shape, spans(ref.key, [(0, DTYPE_SIZES[ref.dtype])])
-    return "F32", (), struct.pack("<f", alpha)
+    return "F32", (), struct.pack("<f", om.scale * om.rank)
 
 
 def _last(lazy: _Lazy, value):

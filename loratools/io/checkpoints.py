@@ -272,8 +272,9 @@ class Pipeline:
         self.stopped = threading.Event()
         self.threads: list[threading.Thread] = []
 
-    def start(self, sf: SafetensorsFile, jobs: list[tuple[str, Callable | None]]) -> None:
-        """``jobs``: (tensor name, fn(tensor) -> tensor, or None to pass the tensor through untouched)."""
+    def start(self, sf: SafetensorsFile, jobs: list[tuple[str, Callable]]) -> None:
+        """``jobs``: (tensor name, fn(tensor) -> tensor); untouched tensors never come here (the writer copies
+        them from the file)."""
         pin = getattr(self.device, "type", "cpu") == "cuda"
         self.threads = [threading.Thread(target=self._read, args=(sf, jobs, pin), daemon=True),
                         threading.Thread(target=self._compute, args=(len(jobs),), daemon=True)]
@@ -295,7 +296,7 @@ class Pipeline:
         try:
             for name, fn in jobs:
                 t = sf.torch(name)
-                if pin and fn is not None:
+                if pin:
                     t = t.pin_memory()
                 if not self._put(self.read_q, (t, fn)):
                     return
@@ -309,7 +310,7 @@ class Pipeline:
                 return
             t, fn = item
             try:
-                out = t if isinstance(t, _Failed) or fn is None else fn(t)
+                out = t if isinstance(t, _Failed) else fn(t)
             except BaseException as exc:
                 out = _Failed(exc)
             if not self._put(self.done_q, out) or isinstance(out, _Failed):

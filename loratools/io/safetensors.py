@@ -481,7 +481,9 @@ def _page_offset(plan: list[tuple[TensorInfo, Data]]) -> tuple[int, int, int] | 
 
 
 def _encode_header(plan: list[tuple[TensorInfo, Data]], metadata: dict[str, str] | None, align: int, path: str,
-                   copy_at: tuple[int, int, int] | None = None, names: list[str] | None = None) -> bytes:
+                   copy_at: tuple[int, int, int] | None, names: list[str]) -> bytes:
+    """The header, listing ``names`` in that order (the data may lie in another), padded so that the first
+    copied span keeps its place within the alignment unit ``copy_at`` gives."""
     if not isinstance(align, int) or align < 1:
         raise ValueError(f"align must be a positive integer, not {align!r}")
     obj: dict[str, Any] = {}
@@ -490,7 +492,7 @@ def _encode_header(plan: list[tuple[TensorInfo, Data]], metadata: dict[str, str]
             raise LoraToolsError("metadata must map strings to strings", path)
         obj["__metadata__"] = metadata
     infos = {info.name: info for info, _ in plan}
-    for info in (infos[n] for n in names) if names is not None else infos.values():
+    for info in (infos[n] for n in names):
         obj[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
     body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     pad = -(8 + len(body)) % align  # spaces are valid JSON padding

@@ -273,11 +273,11 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
             jobs.append((name, lambda w, d=torch_dtype: w.to(d)))
             result.copied_tensors += 1
         else:  # byte for byte, copied file to file by the writer
-            items.append((name, dtype, info.shape, bf.sf.spans(name, [(0, info.nbytes)])))
             result.copied_tensors += 1
+            items.append((name, dtype, info.shape, bf.sf.spans(name, [(0, info.nbytes)])))
             result.bytes_written += info.nbytes
             continue
-        items.append((name, dtype, info.shape, pipe.next))
+        items.append((name, dtype, info.shape, pipe.next))  # computed by the pipeline, in this order
         result.bytes_written += info.numel * _size(dtype)
     pipe.start(bf.sf, jobs)
     return items

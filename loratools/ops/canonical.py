@@ -74,14 +74,11 @@ class Rows:
             import torch
 
             data = ref.torch().contiguous().view(torch.uint8).numpy().tobytes()
-        row = len(data) // ref.shape[0] if ref.shape and ref.shape[0] else 0
-        if self.lo == 0 and self.hi * row == len(data) and not self.swap:
+        lo, hi, half = self._byte_span()
+        if lo == 0 and hi == len(data) and not self.swap:
             return data  # the whole tensor: no copy
-        piece = bytes(memoryview(data)[self.lo * row: self.hi * row])
-        if self.swap:
-            half = (self.hi - self.lo) // 2 * row
-            piece = piece[half:] + piece[:half]
-        return piece
+        piece = bytes(memoryview(data)[lo:hi])
+        return piece[half:] + piece[:half] if self.swap else piece
 
 
 @dataclass
@@ -101,7 +98,7 @@ class OutModule:
     sources: list[str] = field(default_factory=list)
     shapes: tuple | None = None  # (up, down, mid or None) shapes, known before any tensor is read
     raw: tuple | None = None  # (up, down, mid) as Rows when the factors are stored rows, unchanged
-    alpha_ref: TensorRef | None = None  # a stored alpha that may be copied as it is (if its value still fits)
+    alpha_ref: TensorRef | None = None  # a stored tensor holding exactly scale * rank, to copy as it is
 
 
 def _spaces(lora: Lora, table: NamingTable) -> dict[str, str]:
@@ -214,7 +211,8 @@ def _rename(m: Module, c: Canon, rule, naming: str) -> OutModule:
     raw = (Rows(a.up, 0, a.up.shape[0], swap), Rows(a.down, 0, a.down.shape[0]),
            Rows(a.t("lora_mid"), 0, mid[0]) if mid else None)
     return OutModule(c.space, c.native, name, factors, m.rank, m.scale, a.up.dtype, magnitude, axis,
-                     _bias(m), [m.name], (a.up.shape, a.down.shape, mid), raw, m.alpha_ref)
+                     _bias(m), [m.name], (a.up.shape, a.down.shape, mid), raw,
+                     m.alpha_ref if m.alpha is not None and m.scale * m.rank == m.alpha else None)
 
 
 def _bias(m: Module):
