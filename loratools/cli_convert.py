@@ -65,12 +65,20 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
         click.echo(f"loratools: error: {r['path']}: {r['error']}", err=True)
     if as_json:
         click.echo(json.dumps(results, indent=2))
+    elif len(results) == 1:
+        if results[0]["ok"]:  # one file: one line, like cp -v (a failure was reported above)
+            click.echo(_one_line(results[0]))
     else:
         from loratools import report
 
         report.print_convert(results)
     if failed:
         sys.exit(2 if len(failed) == len(results) else 1)
+
+
+def _one_line(r: dict) -> str:
+    return (f"{r['path']} -> {r['output']} ({r['family']}, {r['source_format']} -> {r['target']}, "
+            f"{r['modules_out']} modules, {r['seconds']:.2f} s)")
 
 
 def _run(work: list[tuple], jobs: int, show: bool) -> list[dict]:

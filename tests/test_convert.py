@@ -279,6 +279,22 @@ def test_cli_batch_with_a_bad_file(tmp_path, f32_layout):
     assert sorted(os.listdir(tmp_path / "out")) == ["sd15.diffusers.safetensors", "sdxl.diffusers.safetensors"]
 
 
+def test_cli_reports_one_file_in_a_line_and_many_in_a_table(tmp_path):
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("sd15__kohya__safetensorsutil-keys-only.json", "sdxl__kohya__invokeai-slider-keys-only.json"):
+        synthesize(name, inputs / (name[:4] + ".safetensors"))
+    one = CliRunner().invoke(cli, ["convert", str(inputs / "sd15.safetensors"), "--to", "comfy"])
+    assert one.exit_code == 0
+    assert one.stdout.count("\n") == 1
+    assert one.stdout.startswith(f"{inputs / 'sd15.safetensors'} -> {inputs / 'sd15.comfy.safetensors'} (sd1, "
+                                 "kohya -> comfy, ")
+    many = CliRunner().invoke(cli, ["convert", str(inputs / "sd15.safetensors"), str(inputs / "sdxl.safetensors"),
+                                    "--to", "peft", "-o", str(tmp_path / "out")])
+    assert many.exit_code == 0
+    assert "2 converted, 0 failed" in many.stdout and "sdxl" in many.stdout
+
+
 def test_cli_verify_exit_codes(tmp_path, f32_layout):
     a = f32_layout("sd15__kohya__safetensorsutil-keys-only.json")
     b = synthesize("sd15__kohya__safetensorsutil-keys-only.json", tmp_path / "other.safetensors", dtype="F32", seed=9)

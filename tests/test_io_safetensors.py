@@ -385,6 +385,27 @@ def test_power_of_two_scaling_rounds_like_a_float_multiply(dtype, k):
     assert bool((same | (got.isnan() & want.isnan())).all())
 
 
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
+@pytest.mark.parametrize("k", [0.5, 0.25, 4.0])
+def test_power_of_two_scaling_of_typical_factors(dtype, k):
+    """Factor-like values all stay normal (the bits-only path); one zero among them takes the careful path.
+    Both give what a correctly rounded multiply gives."""
+    from loratools.io.arrays import scale_by_power_of_two
+
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    width = torch.int16 if DTYPE_SIZES[dtype] == 2 else torch.int32
+    values = torch.randn(64, 320, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.02
+    for zero in (False, True):
+        original = values.to(torch_dtype).flatten()
+        if zero:
+            original[17] = 0.0
+        buf = bytearray(original.view(width).numpy().tobytes())
+        assert scale_by_power_of_two(buf, dtype, k)
+        got = torch.frombuffer(buf, dtype=torch_dtype)
+        want = (original.double() * k).to(torch_dtype)
+        assert torch.equal(got.view(width), want.view(width))
+
+
 def test_other_scales_and_dtypes_are_left_alone():
     from loratools.io.arrays import scale_by_power_of_two
 

@@ -592,11 +592,7 @@ def write_safetensors(
     try:
         try:
             _io(path, os.fchmod, fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would surprise users
-            out = _Output(fd, path)
-            out.write(header)
-            for info, data in plan:
-                out.write(_tensor_bytes(info, data, path))
-            out.flush()
+            _write_data(fd, path, header, plan)
             if sync:
                 _io(path, os.fsync, fd)
         finally:
@@ -608,6 +604,69 @@ def write_safetensors(
         raise
     if sync:
         _fsync_folder(folder)
+
+
+def _write_data(fd: int, path: str, header: bytes, plan: list[tuple[TensorInfo, Data]]) -> None:
+    """Write the header and every tensor at its planned offset. When some tensors are copied from files and
+    others computed, a second thread does the copies meanwhile: the copies spend their time in the kernel and
+    the computing in numpy or torch, both without the GIL, so on two cores they overlap."""
+    base = len(header)
+    copies = [(info, data) for info, data in plan if isinstance(data, FileSpans)]
+    if not copies or len(copies) == len(plan):
+        _write_items(fd, path, base, plan, header)
+        return
+    computed = [(info, data) for info, data in plan if not isinstance(data, FileSpans)]
+    worker = _Worker(_write_items, fd, path, base, copies)
+    try:
+        _write_items(fd, path, base, computed, header, worker.check)
+    except BaseException:
+        worker.stop.set()
+        worker.join(reraise=False)
+        raise
+    worker.join()
+
+
+def _write_items(fd: int, path: str, base: int, items: list[tuple[TensorInfo, Data]], header: bytes = b"",
+                 check: Callable[[], bool] | None = None) -> None:
+    """Write ``items`` at ``base`` + their data offsets, in order; stop early when ``check()`` says so."""
+    out = _Output(fd, path)
+    out.write(header)
+    for info, data in items:
+        if check is not None and check():
+            return
+        out.seek(base + info.begin)
+        out.write(_tensor_bytes(info, data, path))
+    out.flush()
+
+
+class _Worker:
+    """``fn(*args, check)`` in a thread; ``check()`` tells it to stop, ``join()`` re-raises what it raised."""
+
+    def __init__(self, fn: Callable[..., None], *args: Any):
+        import threading
+
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(fn, args), daemon=True)
+        self.thread.start()
+
+    def _run(self, fn: Callable[..., None], args: tuple) -> None:
+        try:
+            fn(*args, b"", self.stop.is_set)
+        except BaseException as exc:  # handed to the joining thread
+            self.error = exc
+            self.stop.set()
+
+    def check(self) -> bool:
+        """Raise the worker's error as soon as there is one (the caller then stops too)."""
+        if self.error is not None:
+            raise self.error
+        return False
+
+    def join(self, reraise: bool = True) -> None:
+        self.thread.join()
+        if reraise and self.error is not None:
+            raise self.error
 
 
 class _Output:
@@ -647,6 +706,13 @@ class _Output:
         else:
             self._flush_bytes()
             self._write(view)
+
+    def seek(self, offset: int) -> None:
+        """Continue writing at ``offset`` (what is waiting is written first unless ``offset`` continues it)."""
+        end = self.offset + len(self.pending) + (self.span[2] if self.span is not None else 0)
+        if offset != end:
+            self.flush()
+            self.offset = offset
 
     def flush(self) -> None:
         self._flush_span()
