@@ -90,76 +90,34 @@ def scale_by_power_of_two(buf: bytearray, dtype: str, k: float) -> bool:
 
     Scaling by 2**e only moves the exponent, so for normal values whose result stays normal it is exact and is
     done on the bits (numpy's float16 arithmetic is ~10x slower than this, and torch costs seconds to import).
-    The few values that are subnormal or leave the normal range (trained fp16 factors hold a few per thousand)
-    are computed in float64 and rounded (to nearest, ties to even) the way a float multiply would round them;
-    zeros, infinities and NaNs are unchanged. The work goes in blocks that stay in the CPU cache, so each of
-    its passes reads the block from there rather than from memory.
+    The few values that are subnormal or leave the normal range are computed in float64 and rounded (to nearest,
+    ties to even) the way a float multiply would round them; zeros, infinities and NaNs are unchanged.
     """
     layout = _FLOAT_BITS.get(dtype)
     mantissa, e = math.frexp(k)
     if layout is None or mantissa != 0.5 or not buf:
         return False
+    e -= 1  # k == 2**e
     code, shift, top = layout
     bits = np.frombuffer(buf, dtype=code)
-    block = _SCALE_BLOCK // bits.itemsize
-    scratch = np.empty(min(block, bits.size), dtype=code)
-    for at in range(0, bits.size, block):
-        piece = bits[at: at + block]
-        _scale_block(piece, scratch[: piece.size], dtype, e - 1, k)
-    return True
-
-
-_SCALE_BLOCK = 256 << 10  # bytes per block: with its scratch, well inside a 1 MiB L2 cache
-
-
-def _scale_block(bits: np.ndarray, field: np.ndarray, dtype: str, e: int, k: float) -> None:
-    """``bits`` times 2**e (== k), in place; ``field`` is scratch of the same size."""
-    code, shift, top = _FLOAT_BITS[dtype]
     lo, hi = max(1, 1 - e), min(top - 1, top - 1 - e)  # exponents that are normal before and after
-    step = np.array(abs(e) << shift, dtype=code)
-    move = np.add if e > 0 else np.subtract
     if lo <= hi:
         # lo <= exponent <= hi as one unsigned compare: exponents below lo wrap around to large numbers
-        np.bitwise_and(bits, np.array(top << shift, dtype=code), out=field)
+        field = np.bitwise_and(bits, np.array(top << shift, dtype=code))
         field -= np.array(lo << shift, dtype=code)
-        span = np.array((hi - lo) << shift, dtype=code)
-        if field.max() <= span:  # every value stays normal, so the bits alone move
-            move(bits, step, out=bits)
-            return
-        rest = np.flatnonzero(field > span)
+        rest = np.flatnonzero(field > np.array((hi - lo) << shift, dtype=code))
     else:  # no value stays normal (a huge k)
         rest = np.arange(bits.size)
     others = bits[rest]  # zeros, subnormals, infinities, NaNs and values that leave the normal range
-    move(bits, step, out=bits)  # the exponent moves; `others` are redone below
-    if e < 0:
-        bits[rest] = _shrink_small(others, shift, top, -e)
-        return
-    exp = (others >> shift) & top
-    plain = (exp != top) & ((others & _NO_SIGN[code]) != 0)  # zeros, infinities and NaNs stay as they are
-    with np.errstate(over="ignore"):  # overflow gives infinity, as a float multiply would
-        others[plain] = _encode(_decode(others[plain], dtype) * k, dtype)
-    bits[rest] = others
-
-
-def _shrink_small(bits: np.ndarray, shift: int, top: int, s: int) -> np.ndarray:
-    """``bits`` / 2**s for values with exponent field <= s (results subnormal), rounded to nearest, ties to
-    even, in integers: such a value is M * 2**g subnormal units (M its significand with the implicit bit,
-    g = max(field - 1, 0)), so the result is M >> (s - g), rounded; its bits are that count. Infinities and
-    NaNs stay as they are."""
-    wide = bits.astype(np.uint64)
-    sign = wide & np.uint64(1 << (8 * bits.itemsize - 1))
-    field = (wide >> np.uint64(shift)) & np.uint64(top)
-    mantissa = wide & np.uint64((1 << shift) - 1)
-    significand = np.where(field > 0, mantissa | np.uint64(1 << shift), mantissa)
-    drop = np.minimum(np.uint64(s) - np.maximum(field, np.uint64(1)) + np.uint64(1), np.uint64(62))
-    q = significand >> drop
-    r = significand & ((np.uint64(1) << drop) - np.uint64(1))
-    half = np.uint64(1) << (drop - np.uint64(1))
-    q += (r > half) | ((r == half) & (q & np.uint64(1)) == 1)
-    out = (sign | q).astype(bits.dtype)
-    special = field == np.uint64(top)
-    out[special] = bits[special]
-    return out
+    step = np.array(abs(e) << shift, dtype=code)
+    (np.add if e > 0 else np.subtract)(bits, step, out=bits)  # the exponent moves; `others` are redone below
+    if rest.size:
+        exp = (others >> shift) & top
+        plain = (exp != top) & ((others & _NO_SIGN[code]) != 0)  # zeros, infinities and NaNs stay as they are
+        with np.errstate(over="ignore"):  # overflow gives infinity, as a float multiply would
+            others[plain] = _encode(_decode(others[plain], dtype) * k, dtype)
+        bits[rest] = others
+    return True
 
 
 def _decode(bits: np.ndarray, dtype: str) -> np.ndarray:
