@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import ROOT, in_child, run, table, write_sdxl_kohya
+from common import compile_bytecode, ROOT, in_child, run, table, write_sdxl_kohya
 
 from loratools.io.safetensors import write_safetensors
 
@@ -92,6 +92,7 @@ def write_base(path: Path, fraction: float) -> int:
 
 
 def main() -> None:
+    compile_bytecode()
     ap = argparse.ArgumentParser()
     ap.add_argument("--fraction", type=float, default=1.0, help="share of the checkpoint's tensors to keep")
     ap.add_argument("--rank", type=int, default=64)

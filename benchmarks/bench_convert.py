@@ -16,10 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, in_child, run, table, write_sdxl_kohya
+from common import compile_bytecode, ROOT, in_child, run, table, write_sdxl_kohya
 
 
 def main() -> None:
+    compile_bytecode()
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=1)

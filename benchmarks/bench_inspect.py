@@ -15,12 +15,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import in_child, table, timed, write_sdxl_kohya
+from common import compile_bytecode, in_child, table, timed, write_sdxl_kohya
 
 PY = sys.executable
 
 
 def main() -> None:
+    compile_bytecode()
     ap = argparse.ArgumentParser()
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--repeat", type=int, default=3)

@@ -9,15 +9,14 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:  # pragma: no cover
     from loratools.adapters.base import Adapter
     from loratools.families import FamilyResult
 
 
-@dataclass(frozen=True)
-class TensorRef:
+class TensorRef(NamedTuple):
     """A lazy handle to one tensor of a source (a safetensors file or a loaded pickle)."""
 
     source: Any

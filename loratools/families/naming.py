@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 from pathlib import Path
 
 from loratools.errors import UnknownFamily
@@ -21,16 +22,14 @@ from loratools.errors import UnknownFamily
 NATIVE, DIFFUSERS = "native", "diffusers"
 
 
-@dataclass(frozen=True)
-class Part:
+class Part(NamedTuple):
     """Row slice ``index`` of a fused weight whose parts have relative sizes ``sizes`` (× in-features)."""
 
     index: int
     sizes: tuple[int, ...]
 
 
-@dataclass(frozen=True)
-class Canon:
+class Canon(NamedTuple):
     space: str
     native: str
     part: Part | None

@@ -8,7 +8,7 @@ module, prefix included) and ``role`` (which tensor of the adapter it is). Roles
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Suffixes of one dot-component: key = "<stem>.<suffix>".
 ONE = {
@@ -39,8 +39,7 @@ _XLABS = re.compile(r"^(qkv|proj)_lora([12])$")
 _CLONEOFSIMO = re.compile(r"^(unet|text_encoder):(\d+):(up|down)$")
 
 
-@dataclass(frozen=True)
-class KeyParts:
+class KeyParts(NamedTuple):
     stem: str
     role: str
     spelling: str  # kohya | peft | legacy | lycoris | xlabs | cloneofsimo | plain
@@ -134,8 +133,7 @@ PREFIXES = [
 _TE_HEADS = ("text_model.", "text_model_", "encoder.block.", "encoder_block_")
 
 
-@dataclass(frozen=True)
-class StemParts:
+class StemParts(NamedTuple):
     component: str
     name: str
     naming: str  # kohya | onetrainer | lycoris | diffusers | peft | comfy | cloneofsimo | plain

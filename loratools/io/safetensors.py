@@ -12,11 +12,12 @@ import json
 import math
 import mmap
 import os
+import re
 import stat
 import struct
 import tempfile
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 from loratools.errors import HeaderError, LoraToolsError
 
@@ -59,9 +60,9 @@ def __getattr__(name: str):
 # --- header ----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """One tensor's entry in a header; ``begin``/``end`` are offsets into the data region."""
+class TensorInfo(NamedTuple):
+    """One tensor's entry in a header; ``begin``/``end`` are offsets into the data region. (A named tuple:
+    thousands are made per file, five times faster than a frozen dataclass.)"""
 
     name: str
     dtype: str
@@ -143,7 +144,8 @@ def _parse_json(raw: bytes, path: str) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise HeaderError(f"header is not valid utf-8 (byte {e.start})", path) from None
     # JSON "-0" must not pass as an integer; the hook that catches it costs time, so only when it can occur
-    parse_int = _parse_int if "-0" in text else None
+    # (a date in the metadata, "2024-05-01", may still call for it)
+    parse_int = _parse_int if _MINUS_ZERO.search(text) else None
     try:
         obj = json.loads(text, object_pairs_hook=unique, parse_int=parse_int)
     except json.JSONDecodeError as e:
@@ -153,6 +155,9 @@ def _parse_json(raw: bytes, path: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise HeaderError("header is not a json object", path)
     return obj
+
+
+_MINUS_ZERO = re.compile(r"[\[,:]\s*-0(?![.\deE])")  # an integer -0 (or text that looks like one)
 
 
 def _parse_int(text: str) -> int | float:
@@ -486,15 +491,17 @@ def _encode_header(plan: list[tuple[TensorInfo, Data]], metadata: dict[str, str]
     copied span keeps its place within the alignment unit ``copy_at`` gives."""
     if not isinstance(align, int) or align < 1:
         raise ValueError(f"align must be a positive integer, not {align!r}")
-    obj: dict[str, Any] = {}
+    entries = []
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(_is_text(k) and _is_text(v) for k, v in metadata.items()):
             raise LoraToolsError("metadata must map strings to strings", path)
-        obj["__metadata__"] = metadata
+        entries.append('"__metadata__":' + json.dumps(metadata, ensure_ascii=False, separators=(",", ":")))
+    # the same text json.dumps writes for these entries, formatted directly: ~5x faster for thousands of them
     infos = {info.name: info for info, _ in plan}
     for info in (infos[n] for n in names):
-        obj[info.name] = {"dtype": info.dtype, "shape": list(info.shape), "data_offsets": [info.begin, info.end]}
-    body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        entries.append(f'{_json_text(info.name)}:{{"dtype":"{info.dtype}","shape":[{",".join(map(str, info.shape))}],'
+                       f'"data_offsets":[{info.begin},{info.end}]}}')
+    body = ("{" + ",".join(entries) + "}").encode("utf-8")
     pad = -(8 + len(body)) % align  # spaces are valid JSON padding
     if copy_at is not None:
         # Pad further so the copied bytes sit at the same place within a page (64 KiB for large files) as in
@@ -507,6 +514,9 @@ def _encode_header(plan: list[tuple[TensorInfo, Data]], metadata: dict[str, str]
     if len(body) > MAX_HEADER_SIZE:  # no reader would open the file
         raise LoraToolsError(f"cannot write a header of {len(body)} bytes; the limit is {MAX_HEADER_SIZE}", path)
     return struct.pack("<Q", len(body)) + body
+
+
+_json_text = json.encoder.encode_basestring  # a JSON string literal, non-ASCII kept (as ensure_ascii=False)
 
 
 def _tensor_bytes(info: TensorInfo, data: Data, path: str) -> memoryview | FileSpans:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from loratools.errors import FormatError, UsageError
 from loratools.families.naming import DIFFUSERS, NATIVE, Canon, NamingTable
@@ -21,8 +21,7 @@ FLAT_FORMATS = ("kohya", "lycoris", "onetrainer")
 MODEL_COMPONENTS = ("unet", "transformer", "model")
 
 
-@dataclass(frozen=True)
-class Rows:
+class Rows(NamedTuple):
     """Rows [lo, hi) of a stored tensor (along its first dim), the two halves optionally swapped.
 
     Renames and splits only move rows, so they are written as the stored bytes: no decoding, no torch.
