@@ -128,12 +128,7 @@ class Family:
         self.blocks = [BlockRule(s) for s in data.get("blocks", [])]
         self.dims = [DimRule(s) for s in data.get("dims", [])]
         self.text_encoders: dict[str, list[str]] = {k: list(v) for k, v in data.get("text_encoders", {}).items()}
-        self.metadata = {k: [re.compile(p, re.I) for p in v] for k, v in data.get("metadata", {}).items()}
-        self.variants = [
-            (re.compile(to_regex(v["pattern"])) if "pattern" in v else None,
-             {k: re.compile(p, re.I) for k, p in v.get("metadata", {}).items()}, v["variant"])
-            for v in data.get("variants", [])
-        ]
+        self.metadata: dict[str, list[str]] = data.get("metadata", {})  # patterns, compiled when first needed
         # one regex for "does the family have this module", with a named group per rule (for the evidence);
         # a second one for a whole group of names at once, with the block index written as '#'
         anchored = [r.pattern if r.pattern.startswith("^") else f".*?(?:{r.pattern})" for r in self.modules]
@@ -144,6 +139,12 @@ class Family:
         self.module_first = None if any(f is None for f in firsts) else tuple(sorted({p for f in firsts for p in f}))
 
     @functools.cached_property
+    def variants(self) -> list[tuple[re.Pattern | None, dict[str, re.Pattern], str]]:
+        return [(re.compile(to_regex(v["pattern"])) if "pattern" in v else None,
+                 {k: re.compile(p, re.I) for k, p in v.get("metadata", {}).items()}, v["variant"])
+                for v in self.data.get("variants", [])]
+
+    @functools.cached_property
     def module_rx(self) -> re.Pattern | None:
         return re.compile(self.module_source) if self.module_source else None
 
@@ -152,7 +153,7 @@ class Family:
         return re.compile(self._key_src) if self._key_src else None
 
     def claims(self, key: str, value: str) -> bool:
-        return any(p.search(value) for p in self.metadata.get(key, ()))
+        return any(re.search(p, value, re.I) for p in self.metadata.get(key, ()))  # re caches the compiled
 
     def __repr__(self) -> str:
         return f"Family({self.id!r})"

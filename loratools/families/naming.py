@@ -66,14 +66,14 @@ class _Templates:
 
     def __init__(self, rules: list[Rule]):
         self.rules = rules
-        self.compiled = []
+        self.patterns = []  # (regex source, flat, naming, part, rule), compiled when first matched
         for rule in rules:
             names = [(NATIVE, None, rule.native)] + [(DIFFUSERS, k if rule.fused else None, d)
                                                     for k, d in enumerate(rule.diffusers)]
             for naming, part, template in names:
                 if "{i}" in template:
                     for flat in (False, True):
-                        self.compiled.append((re.compile(_pattern(template, flat)), flat, naming, part, rule))
+                        self.patterns.append((_pattern(template, flat), flat, naming, part, rule))
         self.exact: dict[tuple[bool, str], tuple] = {}
         for rule in rules:
             for naming, part, template in [(NATIVE, None, rule.native)] + [
@@ -86,9 +86,9 @@ class _Templates:
         hit = self.exact.get((flat, name))
         if hit:
             return hit
-        for rx, is_flat, naming, part, rule in self.compiled:
+        for pattern, is_flat, naming, part, rule in self.patterns:
             if is_flat == flat:
-                m = rx.match(name)
+                m = re.match(pattern, name)  # compiled on first use and cached by re (a table has a few dozen)
                 if m:
                     return naming, part, rule, m.groups()
         return None
