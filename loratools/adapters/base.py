@@ -29,6 +29,7 @@ class Adapter:
         for attr in ("kind", "detect"):
             if not hasattr(cls, attr):
                 raise TypeError(f"{cls.__name__} must define {attr}")
+        cls._owned = frozenset().union(*cls.detect) | cls.optional
         _REGISTRY.append(cls)
 
     def __init__(self, tensors: dict[str, TensorRef]):
@@ -39,8 +40,7 @@ class Adapter:
         """The roles this adapter takes from a stem, or None when the stem is not of this type."""
         for needed in cls.detect:
             if needed <= roles:
-                owned = set().union(*cls.detect) | cls.optional
-                return frozenset(roles & owned)
+                return frozenset(roles & cls._owned)
         return None
 
     def t(self, role: str) -> TensorRef:

@@ -33,15 +33,18 @@ class ReadResult:
     conflicts: list[str] = field(default_factory=list)  # the file contradicts itself (config vs tensors)
 
 
-@dataclass
 class _Stem:
-    component: str
-    name: str
-    naming: str
-    roles: dict[str, TensorRef] = field(default_factory=dict)
-    keys: dict[str, str] = field(default_factory=dict)  # role -> key
-    spellings: Counter = field(default_factory=Counter)
-    duplicates: list[str] = field(default_factory=list)
+    """The keys of one module stem (a plain class: a file has thousands, and a dataclass with default
+    factories costs several times more to make)."""
+
+    __slots__ = ("component", "name", "naming", "roles", "keys", "spellings", "duplicates")
+
+    def __init__(self, component: str, name: str, naming: str):
+        self.component, self.name, self.naming = component, name, naming
+        self.roles: dict[str, TensorRef] = {}
+        self.keys: dict[str, str] = {}  # role -> key
+        self.spellings: dict[str, int] = {}  # suffix spelling -> how many keys use it
+        self.duplicates: list[str] = []
 
 
 def read_modules(tensors: dict[str, TensorRef], metadata: dict[str, str], path: str,
@@ -64,7 +67,7 @@ def read_modules(tensors: dict[str, TensorRef], metadata: dict[str, str], path: 
             continue
         st.roles[kp.role] = ref
         st.keys[kp.role] = key
-        st.spellings[kp.spelling] += 1
+        st.spellings[kp.spelling] = st.spellings.get(kp.spelling, 0) + 1
 
     fmt = _decide_format(stems)
     config = config or AdapterConfig.from_metadata(metadata)
@@ -133,7 +136,7 @@ def _decide_format(stems: dict[str, _Stem]) -> str:
 
 
 def _stem_format(st: _Stem, roles: set[str]) -> str:
-    spelling = st.spellings.most_common(1)[0][0] if st.spellings else "plain"
+    spelling = max(st.spellings, key=st.spellings.get) if st.spellings else "plain"  # the first of the most used
     if spelling in ("xlabs", "cloneofsimo"):
         return spelling
     lycoris_algo = any(r.startswith(("hada_", "lokr_", "oft_", "glora_", "diff", "w_norm", "b_norm"))

@@ -48,7 +48,7 @@ class KeyParts(NamedTuple):
 
 def parse_key(key: str) -> KeyParts:
     """Split a tensor key into stem, role and suffix spelling."""
-    m = _CLONEOFSIMO.match(key)
+    m = _CLONEOFSIMO.match(key) if ":" in key else None
     if m:
         return KeyParts(f"{m[1]}:{m[2]}", LEGACY_UPDOWN[m[3]], "cloneofsimo")
     parts = key.split(".")
