@@ -6,6 +6,7 @@ anything else is a bug and keeps its traceback. `--debug` shows tracebacks for e
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 
@@ -105,6 +106,10 @@ cli.add_command(extract)
 
 
 def main() -> None:
+    # A command builds its model of a file once and keeps it to the end, so the collector's passes over those
+    # thousands of objects find nothing to free: ~10% of a conversion's Python time. Collect far less often.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
     try:
         cli.main(standalone_mode=False)
     except LoraToolsError as exc:

@@ -373,11 +373,11 @@ class SafetensorsFile:
     def spans(self, name: str, parts: Sequence[tuple[int, int]]) -> FileSpans:
         """Byte ranges ``[lo, hi)`` of a tensor's stored bytes, for the writer to copy file to file."""
         info = self.info(name)
-        start = self.header.data_start + info.begin
+        start, size = self.header.data_start + info.begin, info.end - info.begin
         for lo, hi in parts:
-            if not 0 <= lo <= hi <= info.nbytes:
-                raise ValueError(f"span {lo}-{hi} is outside tensor {name!r} ({info.nbytes} bytes)")
-        return FileSpans(self, tuple((start + lo, hi - lo) for lo, hi in parts))
+            if not 0 <= lo <= hi <= size:
+                raise ValueError(f"span {lo}-{hi} is outside tensor {name!r} ({size} bytes)")
+        return FileSpans(self, tuple([(start + lo, hi - lo) for lo, hi in parts]))
 
     def fileno(self) -> int:
         """The descriptor reads go through (opened on first use, closed by ``close``)."""
@@ -429,7 +429,7 @@ class FileSpans:
 
     def __init__(self, source: SafetensorsFile, spans: tuple[tuple[int, int], ...]):
         self.source, self.spans = source, spans
-        self.nbytes = sum(n for _, n in spans)
+        self.nbytes = spans[0][1] if len(spans) == 1 else sum([n for _, n in spans])
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # reading the umask means setting it; done once, at import, before any threads
@@ -439,17 +439,21 @@ def _plan(items: Iterable[tuple[str, str, Sequence[int], Data]], path: str) -> l
     """Check names, dtypes and shapes, and lay the tensors out back to back in the given order."""
     plan, seen, offset = [], set(), 0
     for name, dtype, shape, data in items:
-        if not _is_text(name) or name == "__metadata__" or name in seen:
+        if not (type(name) is str and name.isascii() or _is_text(name)) or name == "__metadata__" or name in seen:
             raise LoraToolsError(f"cannot write tensor {quote_name(str(name))}: invalid or duplicate name", path)
-        if dtype not in DTYPE_SIZES:
+        size = DTYPE_SIZES.get(dtype)
+        if size is None:
             raise LoraToolsError(f"cannot write tensor {quote_name(name)}: unknown dtype {dtype!r}", path)
         shape = tuple(shape)
-        if not all(_is_int(d) and d >= 0 for d in shape):
-            raise LoraToolsError(f"cannot write tensor {quote_name(name)}: invalid shape {list(shape)}", path)
-        info = TensorInfo(name, dtype, shape, offset, offset + math.prod(shape) * DTYPE_SIZES[dtype])
-        plan.append((info, data))
+        numel = 1
+        for d in shape:
+            if type(d) is not int and not _is_int(d) or d < 0:
+                raise LoraToolsError(f"cannot write tensor {quote_name(name)}: invalid shape {list(shape)}", path)
+            numel *= d
+        end = offset + numel * size
+        plan.append((TensorInfo(name, dtype, shape, offset, end), data))
         seen.add(name)
-        offset = info.end
+        offset = end
     return plan
 
 
