@@ -335,6 +335,46 @@ def test_source_cut_short_while_copying_is_a_clean_error(tmp_path, monkeypatch, 
     src.close()
 
 
+@pytest.mark.parametrize("order", ["copies first", "computed first", "interleaved"])
+def test_copies_beside_computed_tensors(tmp_path, order):
+    """Copied tensors go through a second thread while the others are computed; every tensor lands at its
+    place in the given layout."""
+    src, raw = _source_file(tmp_path)
+    copies = [(k, dtype, shape, src.spans(k, [(0, len(raw[k]))]))
+              for k, dtype, shape in (("a", "F16", (64, 48)), ("b", "BF16", (3, 5)), ("c", "F32", (7,)))]
+    computed = [(f"new{i}", "U8", (300_000,), lambda i=i: bytes([i]) * 300_000) for i in range(3)]
+    items = {"copies first": copies + computed, "computed first": computed + copies,
+             "interleaved": [x for pair in zip(copies, computed) for x in pair]}[order]
+    out = tmp_path / "out.safetensors"
+    write_safetensors(out, items)
+    with SafetensorsFile(out) as f:
+        assert [k for k in f.keys()] == [it[0] for it in items]
+        for k in raw:
+            assert bytes(f.raw(k)) == raw[k]
+        for i in range(3):
+            assert bytes(f.raw(f"new{i}")) == bytes([i]) * 300_000
+    src.close()
+
+
+@pytest.mark.parametrize("failing", ["copy", "computed"])
+def test_a_failure_in_either_thread_leaves_nothing(tmp_path, failing):
+    src, raw = _source_file(tmp_path)
+    copies = [("a", "F16", (64, 48), src.spans("a", [(0, len(raw["a"]))]))]
+
+    def broken():
+        raise LoraToolsError("no such factor")
+
+    computed = [("x", "U8", (10,), broken if failing == "computed" else b"0123456789")]
+    if failing == "copy":
+        os.truncate(src.path, src.header.file_size - 100)
+    with pytest.raises(LoraToolsError) as err:
+        write_safetensors(tmp_path / "out.safetensors", copies + computed)
+    want = "file changed after its header was read" if failing == "copy" else "no such factor"
+    assert err.value.message == want
+    assert sorted(os.listdir(tmp_path)) == ["src.safetensors"]
+    src.close()
+
+
 def test_spans_outside_the_tensor_or_of_the_wrong_size_are_refused(tmp_path):
     src, _ = _source_file(tmp_path)
     with pytest.raises(ValueError, match="outside tensor"):
