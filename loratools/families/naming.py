@@ -66,7 +66,8 @@ class _Templates:
 
     def __init__(self, rules: list[Rule]):
         self.rules = rules
-        self.patterns = []  # (regex source, flat, naming, part, rule), compiled when first matched
+        self.patterns = []  # (regex source, flat, naming, part, rule)
+        self._compiled: dict[int, re.Pattern] = {}  # index -> compiled, on first use (most are never tried)
         for rule in rules:
             names = [(NATIVE, None, rule.native)] + [(DIFFUSERS, k if rule.fused else None, d)
                                                     for k, d in enumerate(rule.diffusers)]
@@ -86,9 +87,12 @@ class _Templates:
         hit = self.exact.get((flat, name))
         if hit:
             return hit
-        for pattern, is_flat, naming, part, rule in self.patterns:
+        for k, (pattern, is_flat, naming, part, rule) in enumerate(self.patterns):
             if is_flat == flat:
-                m = re.match(pattern, name)  # compiled on first use and cached by re (a table has a few dozen)
+                rx = self._compiled.get(k)
+                if rx is None:
+                    rx = self._compiled[k] = re.compile(pattern)
+                m = rx.match(name)
                 if m:
                     return naming, part, rule, m.groups()
         return None
