@@ -59,6 +59,36 @@ def test_round_trip_is_exact(name, to, f32_layout, tmp_path):
     assert v.equal and not v.only_in_a and not v.only_in_b and v.max_rel_error < 1e-6
 
 
+def test_diffusers_folds_a_power_of_two_into_the_smaller_factor(tmp_path):
+    """alpha = rank/2: the scale goes whole onto the factor with fewer values, bit-exactly (the stored bits with
+    the exponent moved), and the other factor is the stored one. Any other scale is split as diffusers splits it."""
+    rng = np.random.default_rng(0)
+    r, stem = 8, "lora_unet_input_blocks_1_1_transformer_blocks_0_"
+    shapes = {"ff_net_0_proj": (320, 2560), "ff_net_2": (1280, 320), "attn1_to_q": (320, 320)}  # (in, out)
+    items = []
+    for block, alpha in (("1_1", 4.0), ("2_1", 3.0)):  # scale 1/2, and 3/8 in a second block
+        for name, (i, o) in shapes.items():
+            key = f"lora_unet_input_blocks_{block}_transformer_blocks_0_{name}"
+            items += [(f"{key}.alpha", "F16", (), np.array(alpha, np.float16)),
+                      (f"{key}.lora_down.weight", "F16", (r, i), (rng.standard_normal((r, i)) * 0.02).astype(np.float16)),
+                      (f"{key}.lora_up.weight", "F16", (o, r), (rng.standard_normal((o, r)) * 0.02).astype(np.float16))]
+    write_safetensors(tmp_path / "k.safetensors", items, {"ss_base_model_version": "sd_v1"})
+    out = loratools.convert(tmp_path / "k.safetensors", "diffusers", tmp_path / "d.safetensors", family="sd1").output
+    src = {name: torch.from_numpy(np.asarray(data)) for name, _, _, data in items}
+    with SafetensorsFile(out) as f:
+        got = {k: f.torch(k) for k in f.keys()}
+    names = {"ff_net_0_proj": "ff.net.0.proj", "ff_net_2": "ff.net.2", "attn1_to_q": "attn1.to_q"}
+    for name, dotted in names.items():
+        a = got[f"unet.down_blocks.0.attentions.0.transformer_blocks.0.{dotted}.lora_A.weight"]
+        b = got[f"unet.down_blocks.0.attentions.0.transformer_blocks.0.{dotted}.lora_B.weight"]
+        down, up = src[f"{stem}{name}.lora_down.weight"], src[f"{stem}{name}.lora_up.weight"]
+        if down.numel() <= up.numel():
+            assert torch.equal(a, down * 0.5) and torch.equal(b, up)
+        else:
+            assert torch.equal(a, down) and torch.equal(b, up * 0.5)
+    assert loratools.verify(tmp_path / "k.safetensors", out, rtol=1e-3).equal  # 3/8 split in float: rounded
+
+
 def _keys(path):
     with SafetensorsFile(path) as f:
         return set(f.keys()), dict(f.metadata)
