@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import compile_bytecode, ROOT, in_child, run, table, write_sdxl_kohya
+from common import ROOT, compile_bytecode, in_child, run, table, write_sdxl_kohya
 
 from loratools.io.safetensors import write_safetensors
 

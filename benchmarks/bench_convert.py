@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import compile_bytecode, ROOT, in_child, run, table, write_sdxl_kohya
+from common import ROOT, compile_bytecode, in_child, run, table, write_sdxl_kohya
 
 
 def main() -> None:

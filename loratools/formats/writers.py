@@ -48,8 +48,9 @@ class _Lazy:
         return t.to(self.torch_dtype()).contiguous()
 
     def data(self, which: int, k: float = 1.0):
-        """Producer of factor ``which`` (0 up, 1 down, 2 mid) times ``k`` in the output dtype: the stored
-        bytes when nothing changes, otherwise computed with torch."""
+        """Producer of factor ``which`` (0 up, 1 down, 2 mid) times ``k`` in the output dtype: spans of the
+        stored bytes when nothing changes, the stored rows times ``k`` when only the scale does (on the bits,
+        without torch, for a power of two), otherwise computed with torch."""
         rows = self.om.raw[which] if self.om.raw else None
         if rows is not None and rows.ref.dtype == self.dtype:
             if k != 1.0:

@@ -391,14 +391,8 @@ class SafetensorsFile:
     def _read(self, info: TensorInfo) -> bytearray:
         """A tensor's bytes read with pread, not through the map: streaming a whole file through the map
         would leave every page resident in this process, so peak memory would grow with the file."""
-        fd = self.fileno()
         buf = bytearray(info.nbytes)
-        view, done, start = memoryview(buf), 0, self.header.data_start + info.begin
-        while done < info.nbytes:
-            n = os.preadv(fd, [view[done:]], start + done)
-            if n <= 0:
-                raise HeaderError("file changed after its header was read", self.path)
-            done += n
+        _pread_piece(self, self.header.data_start + info.begin, memoryview(buf))
         return buf
 
     def close(self) -> None:
