@@ -185,6 +185,65 @@ def test_flux_diffusers_parts_land_in_fused_rows_with_swaps(tmp_path):
     assert torch.equal(out["double_blocks.0.img_attn.qkv.bias"], base["double_blocks.0.img_attn.qkv.bias"])
 
 
+def test_row_blocks_give_the_whole_tensor_result(tmp_path, monkeypatch):
+    """Fused rows, a swapped half and a row slice that straddle the blocks patched one at a time on CPU: the
+    result is the float32 result of the whole tensor, whatever the block size."""
+    import loratools.ops.bake as bake_mod
+
+    h = 64
+    base = _flux_base(tmp_path, h)
+    lora, ref = {}, {}
+    for i, (name, o) in enumerate({"transformer_blocks.0.attn.to_k": h, "transformer_blocks.0.attn.to_v": h,
+                                   "single_transformer_blocks.0.proj_mlp": 4 * h, "norm_out.linear": 2 * h}.items()):
+        up, down = pair(o, h, seed=20 + i)
+        lora[f"transformer.{name}.lora_A.weight"], lora[f"transformer.{name}.lora_B.weight"] = down, up
+        ref[name] = product(up, down)
+    path = write_lora(tmp_path / "l.safetensors", lora)
+    outs = []
+    for block in (1 << 21, 4 * h * 5):  # default, then 5 rows: block edges fall inside every slice
+        monkeypatch.setattr(bake_mod, "_BLOCK_BYTES", block)
+        loratools.bake(tmp_path / "flux.safetensors", [f"{path}:0.8"], tmp_path / f"{block}.safetensors",
+                       family="flux1", dtype="fp32")
+        outs.append(load(tmp_path / f"{block}.safetensors"))
+    qkv = base["double_blocks.0.img_attn.qkv.weight"].double().clone()
+    qkv[h:2 * h] += 0.8 * ref["transformer_blocks.0.attn.to_k"]
+    qkv[2 * h:] += 0.8 * ref["transformer_blocks.0.attn.to_v"]
+    d = ref["norm_out.linear"]
+    ada = base["final_layer.adaLN_modulation.1.weight"].double() + 0.8 * torch.cat([d[h:], d[:h]])
+    lin = base["single_blocks.0.linear1.weight"].double().clone()
+    lin[3 * h:] += 0.8 * ref["single_transformer_blocks.0.proj_mlp"]
+    for key, want in (("double_blocks.0.img_attn.qkv.weight", qkv), ("final_layer.adaLN_modulation.1.weight", ada),
+                      ("single_blocks.0.linear1.weight", lin)):
+        a, b = outs[0][key], outs[1][key]
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-6, atol=1e-7), key
+        assert float((a.double() - want).abs().max()) <= 1e-6 * float(want.abs().max()), key
+
+
+def test_pipeline_recycles_read_buffers_but_never_under_a_live_tensor(tmp_path):
+    """A transform may return its input (a view of the read buffer): that buffer must not be reused while the
+    result is alive. Buffers of transforms that made new tensors are reused."""
+    from loratools.io.checkpoints import Pipeline
+    from loratools.io.safetensors import SafetensorsFile
+    from loratools.ops.threads import compute_threads
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"t{i}": torch.randn(64 - i, 48, generator=g) for i in range(12)}  # each fits an earlier buffer
+    write_safetensors(tmp_path / "t.safetensors", [(k, "F32", tuple(v.shape), v) for k, v in tensors.items()], {})
+    jobs = [(k, (lambda t: t) if i % 3 == 0 else (lambda t: t * 2)) for i, k in enumerate(tensors)]
+    sf = SafetensorsFile(tmp_path / "t.safetensors")
+    before = torch.get_num_threads()
+    with compute_threads(), Pipeline(torch.device("cpu")) as pipe:
+        assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
+        pipe.start(sf, jobs)
+        got = [pipe.next() for _ in jobs]
+        reused = pipe.free.qsize()
+    sf.close()
+    assert torch.get_num_threads() == before
+    for i, (k, t) in enumerate(tensors.items()):
+        assert torch.equal(got[i], t if i % 3 == 0 else t * 2), k
+    assert reused >= 1
+
+
 def test_full_size_flux_qkv(tmp_path):
     """One real-size tensor: the BFL qkv of Flux-dev (9216 × 3072 bf16) with a comfy-named fused LoRA."""
     spec = shapes("flux1__bfl__sdmecha-dev-transformer.json", ["double_blocks.0.img_attn.qkv.weight",

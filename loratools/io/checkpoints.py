@@ -10,6 +10,7 @@ decided by which candidate keys exist, so no layout has to be declared.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -261,6 +262,9 @@ class Pipeline:
     A reader thread (pread, pinned buffers for CUDA) and a compute thread feed bounded queues, so reading,
     computing and the caller's writing overlap while at most a few tensors are in memory. ``next()`` raises
     the error of a failed stage; leaving the ``with`` block stops both threads.
+
+    Read buffers are recycled once a tensor is transformed: a fresh buffer per tensor costs a page fault per
+    4 KiB (large allocations are new mappings); recycling took a 6.9 GB bake from 16.4 s to 12.8 s of writing.
     """
 
     def __init__(self, device, depth: int = 2):
@@ -269,12 +273,13 @@ class Pipeline:
         self.device = device
         self.read_q: queue.Queue = queue.Queue(depth)
         self.done_q: queue.Queue = queue.Queue(depth)
+        self.free: queue.Queue = queue.Queue(depth + 2)  # every buffer that can be in flight at once
         self.stopped = threading.Event()
         self.threads: list[threading.Thread] = []
 
     def start(self, sf: SafetensorsFile, jobs: list[tuple[str, Callable]]) -> None:
         """``jobs``: (tensor name, fn(tensor) -> tensor); untouched tensors never come here (the writer copies
-        them from the file)."""
+        them from the file). ``fn`` may return its input or a view of it."""
         pin = getattr(self.device, "type", "cpu") == "cuda"
         self.threads = [threading.Thread(target=self._read, args=(sf, jobs, pin), daemon=True),
                         threading.Thread(target=self._compute, args=(len(jobs),), daemon=True)]
@@ -292,27 +297,47 @@ class Pipeline:
                 continue
         return False
 
+    def _buffer(self, nbytes: int) -> bytearray:
+        import queue
+
+        try:
+            buf = self.free.get_nowait()
+        except queue.Empty:
+            buf = bytearray()
+        return buf if len(buf) >= nbytes else bytearray(nbytes)
+
+    def _recycle(self, buf) -> None:
+        import queue
+
+        with contextlib.suppress(queue.Full):
+            self.free.put_nowait(buf)
+
     def _read(self, sf, jobs, pin: bool) -> None:
         try:
             for name, fn in jobs:
-                t = sf.torch(name)
+                buf = self._buffer(sf.info(name).nbytes)
+                t = sf.torch(name, into=buf)
                 if pin:
                     t = t.pin_memory()
-                if not self._put(self.read_q, (t, fn)):
+                    self._recycle(buf)
+                    buf = None
+                if not self._put(self.read_q, (t, fn, buf)):
                     return
         except BaseException as exc:  # handed to the consumer, which raises it
-            self._put(self.read_q, (_Failed(exc), None))
+            self._put(self.read_q, (_Failed(exc), None, None))
 
     def _compute(self, count: int) -> None:
         for _ in range(count):
             item = self._get(self.read_q)
             if item is None:
                 return
-            t, fn = item
+            t, fn, buf = item
             try:
                 out = t if isinstance(t, _Failed) else fn(t)
             except BaseException as exc:
                 out = _Failed(exc)
+            if buf is not None and not _shares_memory(out, t):
+                self._recycle(buf)
             if not self._put(self.done_q, out) or isinstance(out, _Failed):
                 return
 
@@ -339,6 +364,15 @@ class Pipeline:
         self.stopped.set()
         for t in self.threads:
             t.join()
+
+
+def _shares_memory(out, t) -> bool:
+    """Whether ``out`` may live in ``t``'s buffer (a failure holds none)."""
+    if isinstance(out, _Failed) or isinstance(t, _Failed):
+        return False
+    base = t.untyped_storage()
+    lo, hi = base.data_ptr(), base.data_ptr() + base.nbytes()
+    return out.device == t.device and lo <= out.untyped_storage().data_ptr() < hi
 
 
 def peak_rss_mb() -> float:

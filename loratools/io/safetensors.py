@@ -356,15 +356,21 @@ class SafetensorsFile:
         info = self.info(name)
         return from_bytes(self.raw(name), info.dtype, info.shape)
 
-    def torch(self, name: str) -> Any:
-        """The tensor as a torch tensor in its own dtype, copied so it outlives the file."""
+    def torch(self, name: str, into: bytearray | None = None) -> Any:
+        """The tensor as a torch tensor in its own dtype, copied so it outlives the file: into a new buffer, or
+        into the front of ``into`` when that is large enough (the tensor then shares its memory)."""
         import torch
 
         info = self.info(name)
         dtype = getattr(torch, TORCH_DTYPES[info.dtype])
         if info.numel == 0:  # torch.frombuffer refuses empty buffers
             return torch.empty(info.shape, dtype=dtype)
-        return torch.frombuffer(self._read(info), dtype=dtype).reshape(info.shape)
+        if into is None or len(into) < info.nbytes:
+            buf = self._read(info)
+        else:
+            buf = memoryview(into)[: info.nbytes]
+            _pread_piece(self, self.header.data_start + info.begin, buf)
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
 
     def read_bytes(self, name: str) -> bytearray:
         """A tensor's stored bytes (little-endian), read without decoding or mapping."""

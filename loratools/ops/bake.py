@@ -9,10 +9,13 @@ not by the checkpoint. ΔW of a module is computed only when its base tensor com
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
@@ -22,6 +25,7 @@ from loratools.families.naming import naming_table
 from loratools.io.checkpoints import Base, Pipeline, Placement, peak_rss_mb, rewrite_index
 from loratools.model import Lora, Module
 from loratools.ops.canonical import _bounds, _swap, canonicalize
+from loratools.ops.threads import compute_threads
 
 _FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 _FP8 = {"F8_E4M3", "F8_E5M2"}
@@ -187,22 +191,35 @@ def apply_weight(w, p: Patch, device) -> None:
     target.copy_(dora(target, d, mag, m.dora_axis, p.strength))
 
 
-def _add_product(target, p: Patch, device) -> bool:
-    """W += t·s·B@A as one fused multiply-add (no dense ΔW, no extra passes) for plain LoRA factors."""
+def _product(p: Patch, device):
+    """(first row, B, A, factor) when ``p`` adds factor·B@A to rows of its weight as one multiply-add (plain
+    LoRA factors, no dense ΔW, no extra passes); None when the general path must reshape, renormalise or explain."""
     import torch
 
     m, a = p.module, p.module.adapter
-    if a.kind != "lora" or a.has("lora_mid") or m.magnitude is not None or p.where.transpose:
-        return False
+    if p.bias or a.kind != "lora" or a.has("lora_mid") or m.magnitude is not None or p.where.transpose:
+        return None
     up = a.up.torch().to(device, torch.float32).flatten(1)
     down = a.down.torch().to(device, torch.float32).flatten(1)
     if p.swap:
         up = _swap(up)
     up = _rows(up, p.where.src)
-    if up.shape[0] != target.shape[0] or up.shape[0] * down.shape[1] != target.numel():
-        return False  # the general path reshapes or explains the mismatch
-    target.view(target.shape[0], -1).addmm_(up, down, alpha=p.strength * m.scale)
+    return (p.where.rows[0] if p.where.rows else 0), up, down, p.strength * m.scale
+
+
+def _add_product(target, p: Patch, device) -> bool:
+    product = _product(p, device)
+    if product is None or not _fits(product, target.shape):
+        return False
+    _, up, down, factor = product
+    target.view(target.shape[0], -1).addmm_(up, down, alpha=factor)
     return True
+
+
+def _fits(product, shape) -> bool:
+    """Whether B@A has exactly the rows and the (flattened) columns of a weight, or of its rows, of ``shape``."""
+    _, up, down, _ = product
+    return up.shape[0] == shape[0] and up.shape[0] * down.shape[1] == math.prod(shape)
 
 
 def dora(w, d, mag, axis: str, strength: float):
@@ -239,10 +256,51 @@ def patch_tensor(w, patches: list[Patch], device, out_dtype):
     """The patched tensor, computed in float32 on ``device`` and cast once to ``out_dtype`` (on CPU)."""
     import torch
 
+    if device.type == "cpu" and w.dim() >= 2 and w.numel():
+        products = [_product(p, device) for p in patches]
+        if all(pr is not None and _fits(pr, _target_shape(w.shape, p.where.rows)) for pr, p in zip(products, patches)):
+            return _patch_in_blocks(w, products, out_dtype)
     x = w.to(device, non_blocking=True).to(torch.float32)
     for p in patches:
         apply_bias(x, p, device) if p.bias else apply_weight(x, p, device)
     return x.to(out_dtype).cpu()
+
+
+def _target_shape(shape, rows):
+    return shape if rows is None else (rows[1] - rows[0], *shape[1:])
+
+
+# Rows of float32 worked on at a time: a block this size stays in the CPU's cache while it is widened, patched
+# and narrowed, so W crosses memory once each way instead of through a tensor-sized float32 copy (which for
+# large weights also costs a page fault per 4 KiB, as allocations over 32 MiB are fresh mappings).
+_BLOCK_BYTES = 2 << 20
+_scratch = threading.local()
+
+
+def _patch_in_blocks(w, products, out_dtype):
+    """W + Σ factor·B@A on CPU, block of rows by block of rows; the same float32 arithmetic as the whole-tensor
+    path (each output row depends only on its own row of W and of B)."""
+    import torch
+
+    rows = w.shape[0]
+    cols = w.numel() // rows
+    src = w.reshape(rows, cols)
+    out = torch.empty(w.shape, dtype=out_dtype)
+    dst = out.view(rows, cols)
+    step = max(1, _BLOCK_BYTES // (4 * cols))
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < step * cols:
+        buf = _scratch.buf = torch.empty(step * cols, dtype=torch.float32)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        x = buf[: (r1 - r0) * cols].view(r1 - r0, cols)
+        x.copy_(src[r0:r1])
+        for first, up, down, factor in products:
+            lo, hi = max(r0, first), min(r1, first + up.shape[0])
+            if lo < hi:
+                x[lo - r0: hi - r0].addmm_(up[lo - first: hi - first], down, alpha=factor)
+        dst[r0:r1].copy_(x)
+    return out
 
 
 # --- writing ----------------------------------------------------------------------------------------------
@@ -289,13 +347,19 @@ def _size(dtype: str) -> int:
     return DTYPE_SIZES[dtype]
 
 
+@contextlib.contextmanager
+def _pipeline(device):
+    with compute_threads(), Pipeline(device) as pipe:
+        yield pipe
+
+
 def write_baked(base: Base, patches, output: str, metadata: dict, *, device, wanted, overwrite: bool,
                 result: BakeResult) -> None:
     """Write the patched base at ``output`` (a file, or a folder mirroring a folder base), atomically."""
     from loratools.io.safetensors import write_safetensors
 
     if not base.is_folder:
-        with Pipeline(device) as pipe:
+        with _pipeline(device) as pipe:
             items = _file_items(base.files[0], patches, device, wanted, result, pipe)
             write_safetensors(output, items, {**base.files[0].header.metadata, **metadata}, overwrite=overwrite)
         return
@@ -326,7 +390,7 @@ def _write_folder(base: Base, patches, tmp: str, metadata: dict, device, wanted,
             result.bytes_written += sum(i.nbytes for i in bf.header.tensors.values())
             sizes[bf.rel] = result.bytes_written - before
             continue
-        with Pipeline(device) as pipe:
+        with _pipeline(device) as pipe:
             items = _file_items(bf, patches, device, wanted, result, pipe)
             write_safetensors(dest, items, {**bf.header.metadata, **metadata})
         sizes[bf.rel] = result.bytes_written - before
