@@ -83,6 +83,17 @@ def test_reference_file_reads_with_our_reader(tmp_path):
             assert as_bytes(f.torch(name)) == as_bytes(tensor)
 
 
+def test_twin_reads_through_a_descriptor_of_its_own(tmp_path):
+    a, b = torch.arange(12.0).reshape(3, 4), torch.ones(5, dtype=torch.float16)
+    write_safetensors(tmp_path / "t.safetensors", [("a", "F32", (3, 4), a), ("b", "F16", (5,), b)], {"k": "v"})
+    with SafetensorsFile(tmp_path / "t.safetensors") as f:
+        twin = f.twin()
+        assert twin.fileno() != f.fileno() and twin.header is f.header and twin.metadata == {"k": "v"}
+        assert torch.equal(twin.torch("a"), a) and torch.equal(f.torch("b"), b)
+        twin.close()
+        assert torch.equal(f.torch("a"), a)  # closing the twin leaves the original open
+
+
 def test_metadata_round_trip(tmp_path):
     path = tmp_path / "m.safetensors"
     metadata = {"format": "pt", "json": json.dumps({"a": [1, 2]}), "empty": ""}

@@ -276,12 +276,14 @@ class Pipeline:
         self.free: queue.Queue = queue.Queue(depth + 2)  # every buffer that can be in flight at once
         self.stopped = threading.Event()
         self.threads: list[threading.Thread] = []
+        self.source: SafetensorsFile | None = None
 
     def start(self, sf: SafetensorsFile, jobs: list[tuple[str, Callable]]) -> None:
         """``jobs``: (tensor name, fn(tensor) -> tensor); untouched tensors never come here (the writer copies
         them from the file). ``fn`` may return its input or a view of it."""
         pin = getattr(self.device, "type", "cpu") == "cuda"
-        self.threads = [threading.Thread(target=self._read, args=(sf, jobs, pin), daemon=True),
+        self.source = sf.twin()  # the writer copies untouched tensors through ``sf`` meanwhile
+        self.threads = [threading.Thread(target=self._read, args=(self.source, jobs, pin), daemon=True),
                         threading.Thread(target=self._compute, args=(len(jobs),), daemon=True)]
         for t in self.threads:
             t.start()
@@ -364,6 +366,8 @@ class Pipeline:
         self.stopped.set()
         for t in self.threads:
             t.join()
+        if self.source is not None:
+            self.source.close()
 
 
 def _shares_memory(out, t) -> bool:

@@ -315,6 +315,15 @@ class SafetensorsFile:
         self._map: mmap.mmap | None = None
         self._fd: int | None = None
 
+    def twin(self) -> SafetensorsFile:
+        """The same file with a descriptor of its own. Two threads streaming different tensors each keep the
+        kernel's read-ahead of their own descriptor sequential; on one shared descriptor the two streams
+        undo each other's (a cold-cache 6.9 GB bake: 24.9 s against 27.6 s, mean of four)."""
+        twin = object.__new__(SafetensorsFile)
+        twin.header, twin.path, twin.metadata = self.header, self.path, self.metadata
+        twin._map, twin._fd = None, None
+        return twin
+
     def __enter__(self) -> SafetensorsFile:
         return self
 
