@@ -7,6 +7,7 @@ so fused targets (OpenCLIP in_proj, Flux qkv/linear1) and layout prefixes are th
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -217,31 +218,84 @@ def test_row_blocks_give_the_whole_tensor_result(tmp_path, monkeypatch):
         a, b = outs[0][key], outs[1][key]
         assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-6, atol=1e-7), key
         assert float((a.double() - want).abs().max()) <= 1e-6 * float(want.abs().max()), key
+    # keeping bf16, the blocks overwrite the read buffer in place: the same float32 sums, then one rounding
+    monkeypatch.setattr(bake_mod, "_BLOCK_BYTES", 4 * h * 5)
+    loratools.bake(tmp_path / "flux.safetensors", [f"{path}:0.8"], tmp_path / "keep.safetensors", family="flux1")
+    kept = load(tmp_path / "keep.safetensors")
+    for key in ("double_blocks.0.img_attn.qkv.weight", "final_layer.adaLN_modulation.1.weight",
+                "single_blocks.0.linear1.weight"):
+        assert kept[key].dtype == torch.bfloat16
+        assert torch.equal(kept[key], outs[1][key].to(torch.bfloat16)), key
 
 
-def test_pipeline_recycles_read_buffers_but_never_under_a_live_tensor(tmp_path):
-    """A transform may return its input (a view of the read buffer): that buffer must not be reused while the
-    result is alive. Buffers of transforms that made new tensors are reused."""
-    from loratools.io.checkpoints import Pipeline
-    from loratools.io.safetensors import SafetensorsFile
+def test_buffers_in_memory_files_or_not_give_the_same_file(tmp_path, monkeypatch):
+    """Where memory files are missing (not Linux) or refused (a file-size limit applies to them too), the
+    pipeline reads into plain buffers and the writer writes from memory: the file is the same, byte for byte."""
+    from loratools.io.checkpoints import MemoryFile
+
+    h = 64
+    _flux_base(tmp_path, h)
+    up, down = pair(4 * h, h, seed=3)
+    stem = "transformer.single_transformer_blocks.0.proj_mlp"
+    path = write_lora(tmp_path / "l.safetensors", {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up})
+    loratools.bake(tmp_path / "flux.safetensors", [path], tmp_path / "a.safetensors", family="flux1")
+    monkeypatch.setattr(MemoryFile, "available", False)
+    loratools.bake(tmp_path / "flux.safetensors", [path], tmp_path / "b.safetensors", family="flux1")
+    monkeypatch.setattr(MemoryFile, "available", True)
+
+    def refuse(*_args):
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(MemoryFile, "__init__", refuse)
+    loratools.bake(tmp_path / "flux.safetensors", [path], tmp_path / "c.safetensors", family="flux1")
+    a = (tmp_path / "a.safetensors").read_bytes()
+    assert a == (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
+    base, baked = load(tmp_path / "flux.safetensors"), load(tmp_path / "a.safetensors")
+    assert not torch.equal(baked["single_blocks.0.linear1.weight"], base["single_blocks.0.linear1.weight"])
+
+
+def test_pipeline_recycles_read_buffers_but_never_under_a_live_result(tmp_path):
+    """A transform may return its input or overwrite it (the result lives in the read buffer): that buffer is
+    not reused before the caller asks for the next result, however far the reader runs ahead. Buffers of
+    transforms that made new tensors are reused at once."""
+    import time
+
+    from loratools.io.checkpoints import MemoryFile, Pipeline
+    from loratools.io.safetensors import FdBytes, SafetensorsFile
     from loratools.ops.threads import compute_threads
 
     g = torch.Generator().manual_seed(5)
     tensors = {f"t{i}": torch.randn(64 - i, 48, generator=g) for i in range(12)}  # each fits an earlier buffer
     write_safetensors(tmp_path / "t.safetensors", [(k, "F32", tuple(v.shape), v) for k, v in tensors.items()], {})
-    jobs = [(k, (lambda t: t) if i % 3 == 0 else (lambda t: t * 2)) for i, k in enumerate(tensors)]
+    kinds = ["view", "in place", "new"]
+
+    def job(kind):
+        if kind == "view":
+            return lambda t: t[1:]
+        if kind == "in place":
+            return lambda t: t.mul_(2)
+        return lambda t: t * 3
+
+    jobs = [(k, job(kinds[i % 3])) for i, k in enumerate(tensors)]
     sf = SafetensorsFile(tmp_path / "t.safetensors")
     before = torch.get_num_threads()
     with compute_threads(), Pipeline(torch.device("cpu")) as pipe:
         assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
         pipe.start(sf, jobs)
-        got = [pipe.next() for _ in jobs]
+        sent = 0
+        for i, (k, t) in enumerate(tensors.items()):
+            got = pipe.next_data()  # what the writer gets: the bytes in a memory file, or the tensor
+            time.sleep(0.02)  # the reader fills every free buffer meanwhile
+            want = {"view": t[1:], "in place": t * 2, "new": t * 3}[kinds[i % 3]]
+            if isinstance(got, FdBytes):
+                got, sent = torch.frombuffer(bytearray(os.pread(got.fd, got.nbytes, got.offset)),
+                                             dtype=torch.float32).reshape(want.shape), sent + 1
+            assert torch.equal(got, want), k
         reused = pipe.free.qsize()
     sf.close()
     assert torch.get_num_threads() == before
-    for i, (k, t) in enumerate(tensors.items()):
-        assert torch.equal(got[i], t if i % 3 == 0 else t * 2), k
-    assert reused >= 1
+    assert reused >= 2  # the last result's buffer is still lent, the others came back
+    assert sent == (8 if MemoryFile.available else 0)  # views and in-place results are sent from the file
 
 
 def test_full_size_flux_qkv(tmp_path):

@@ -284,6 +284,38 @@ def test_spans_are_copied_file_to_file(tmp_path, monkeypatch, kernel_copy):
     src.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memory files are Linux only")
+def test_bytes_of_a_descriptor_are_sent_beside_copies_and_computed_tensors(tmp_path):
+    """FdBytes (a result in a memory file) are sent by the kernel to their place, at any offset in the file,
+    between tensors written from memory, while a second thread copies spans of another file."""
+    from loratools.io.safetensors import FdBytes
+
+    src, raw = _source_file(tmp_path)
+    payload = os.urandom(3 * 4096 + 10)
+    fd = os.memfd_create("test")
+    try:
+        os.write(fd, payload)
+        infos = src.header.tensors
+        items = [("x", "U8", (5,), b"12345"),  # the sent bytes start at an odd offset
+                 ("sent", "U8", (4096 + 7,), FdBytes(fd, 3, 4096 + 7)),
+                 ("copied", infos["a"].dtype, infos["a"].shape, src.spans("a", [(0, infos["a"].nbytes)])),
+                 ("y", "F32", (2,), np.array([1.5, 2.5], dtype=np.float32)),
+                 ("sent2", "U8", (9,), lambda: FdBytes(fd, 3 * 4096, 9))]
+        out = tmp_path / "out.safetensors"
+        write_safetensors(out, items)
+        with pytest.raises(LoraToolsError, match="got 9 bytes"):
+            write_safetensors(tmp_path / "bad.safetensors", [("s", "U8", (8,), FdBytes(fd, 0, 9))])
+    finally:
+        os.close(fd)
+    got = safetensors.torch.load_file(out)
+    assert as_bytes(got["sent"]) == payload[3:3 + 4096 + 7]
+    assert as_bytes(got["sent2"]) == payload[3 * 4096:3 * 4096 + 9]
+    assert as_bytes(got["copied"]) == raw["a"] and as_bytes(got["x"]) == b"12345"
+    assert got["y"].tolist() == [1.5, 2.5]
+    assert not (tmp_path / "bad.safetensors").exists()
+    src.close()
+
+
 def test_copies_follow_their_source_order_and_page(tmp_path, monkeypatch):
     """Spans given in any order are laid out in source order behind the other tensors, copied in one piece,
     at the same place within a page as in the source; the header keeps the names in the given order."""

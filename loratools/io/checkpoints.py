@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
 from loratools.errors import FormatError
 from loratools.families.naming import DIFFUSERS, NATIVE
-from loratools.io.safetensors import Header, SafetensorsFile
+from loratools.io.safetensors import FdBytes, Header, SafetensorsFile
 
 MODEL_NATIVE_PREFIXES = ("model.diffusion_model.", "")
 MODEL_DIFFUSERS_PREFIXES = ("unet/", "transformer/", "")
@@ -263,8 +265,14 @@ class Pipeline:
     computing and the caller's writing overlap while at most a few tensors are in memory. ``next()`` raises
     the error of a failed stage; leaving the ``with`` block stops both threads.
 
-    Read buffers are recycled once a tensor is transformed: a fresh buffer per tensor costs a page fault per
-    4 KiB (large allocations are new mappings); recycling took a 6.9 GB bake from 16.4 s to 12.8 s of writing.
+    Read buffers are recycled: a fresh buffer per tensor costs a page fault per 4 KiB (large allocations are
+    new mappings); recycling took a 6.9 GB bake from 16.4 s to 12.8 s of writing. A buffer goes back once its
+    tensor is transformed, or, when the result lives in it (a transform that works in place or returns a view),
+    once the caller asks for the next result: a result stays valid until the next call to ``next()``.
+
+    On Linux the buffers are memory files (``MemoryFile``), so ``next_data()`` can hand a result that lives in
+    one to the writer as ``FdBytes``, which the kernel sends to the output: writing the 5.8 GB of patched
+    weights of an SDXL bake took 8.9 s that way against 12.1 s by pwrite.
     """
 
     def __init__(self, device, depth: int = 2):
@@ -273,10 +281,11 @@ class Pipeline:
         self.device = device
         self.read_q: queue.Queue = queue.Queue(depth)
         self.done_q: queue.Queue = queue.Queue(depth)
-        self.free: queue.Queue = queue.Queue(depth + 2)  # every buffer that can be in flight at once
+        self.free: queue.Queue = queue.Queue(2 * depth + 2)  # every buffer that can be in flight at once
         self.stopped = threading.Event()
         self.threads: list[threading.Thread] = []
         self.source: SafetensorsFile | None = None
+        self.lent = None  # the buffer the last result handed out lives in
 
     def start(self, sf: SafetensorsFile, jobs: list[tuple[str, Callable]]) -> None:
         """``jobs``: (tensor name, fn(tensor) -> tensor); untouched tensors never come here (the writer copies
@@ -299,14 +308,21 @@ class Pipeline:
                 continue
         return False
 
-    def _buffer(self, nbytes: int) -> bytearray:
+    def _buffer(self, nbytes: int):
         import queue
 
         try:
             buf = self.free.get_nowait()
         except queue.Empty:
             buf = bytearray()
-        return buf if len(buf) >= nbytes else bytearray(nbytes)
+        if len(buf) >= nbytes:
+            return buf
+        if MemoryFile.available:
+            try:
+                return MemoryFile(nbytes)
+            except OSError:  # e.g. a file-size limit (RLIMIT_FSIZE) also limits memory files
+                pass
+        return bytearray(nbytes)
 
     def _recycle(self, buf) -> None:
         import queue
@@ -317,30 +333,35 @@ class Pipeline:
     def _read(self, sf, jobs, pin: bool) -> None:
         try:
             for name, fn in jobs:
-                buf = self._buffer(sf.info(name).nbytes)
-                t = sf.torch(name, into=buf)
+                info = sf.info(name)
+                # in a memory file, the tensor starts where its bytes sit in a page of the file: the output keeps
+                # the base's layout, so a result sent from there fills whole pages of the output
+                at = (sf.header.data_start + info.begin) % _PAGE if MemoryFile.available else 0
+                buf = self._buffer(at + info.nbytes)
+                t = sf.torch(name, into=_view(buf, at))
                 if pin:
                     t = t.pin_memory()
                     self._recycle(buf)
                     buf = None
-                if not self._put(self.read_q, (t, fn, buf)):
+                if not self._put(self.read_q, (t, fn, buf, at)):
                     return
         except BaseException as exc:  # handed to the consumer, which raises it
-            self._put(self.read_q, (_Failed(exc), None, None))
+            self._put(self.read_q, (_Failed(exc), None, None, 0))
 
     def _compute(self, count: int) -> None:
         for _ in range(count):
             item = self._get(self.read_q)
             if item is None:
                 return
-            t, fn, buf = item
+            t, fn, buf, at = item
             try:
                 out = t if isinstance(t, _Failed) else fn(t)
             except BaseException as exc:
                 out = _Failed(exc)
             if buf is not None and not _shares_memory(out, t):
                 self._recycle(buf)
-            if not self._put(self.done_q, out) or isinstance(out, _Failed):
+                buf = None
+            if not self._put(self.done_q, (out, buf, _in_file(out, t, buf, at))) or isinstance(out, _Failed):
                 return
 
     def _get(self, q):
@@ -354,10 +375,21 @@ class Pipeline:
         return None
 
     def next(self):
-        out = self.done_q.get()
+        """The next result; the one before it may be overwritten from now on."""
+        return self._next()[0]
+
+    def next_data(self):
+        """The next result for the writer: ``FdBytes`` when it lives in a memory file, else the tensor."""
+        out, sendable = self._next()
+        return out if sendable is None else sendable
+
+    def _next(self):
+        if self.lent is not None:
+            self._recycle(self.lent)
+        out, self.lent, sendable = self.done_q.get()
         if isinstance(out, _Failed):
             raise out.exc
-        return out
+        return out, sendable
 
     def __enter__(self) -> Pipeline:
         return self
@@ -368,6 +400,44 @@ class Pipeline:
             t.join()
         if self.source is not None:
             self.source.close()
+
+
+_PAGE = mmap.PAGESIZE
+
+
+class MemoryFile:
+    """A read buffer in an anonymous memory file (Linux ``memfd``), mapped into the process: a result computed
+    in it can be sent to the output by the kernel (``FdBytes``) instead of written from user memory."""
+
+    available = hasattr(os, "memfd_create") and hasattr(os, "sendfile")
+
+    def __init__(self, nbytes: int):
+        size = -(-max(nbytes, 1) // _PAGE) * _PAGE
+        self.fd = os.memfd_create("loratools-buffer", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self.fd, size)
+            self.map = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        # the descriptor lives as long as this object; the map closes itself once no tensor points into it
+        weakref.finalize(self, os.close, self.fd)
+
+    def __len__(self) -> int:
+        return len(self.map)
+
+
+def _view(buf, at: int) -> memoryview:
+    return memoryview(buf.map if isinstance(buf, MemoryFile) else buf)[at:]
+
+
+def _in_file(out, t, buf, at: int) -> FdBytes | None:
+    """``out`` as bytes of ``buf``'s memory file (where ``t`` was read at offset ``at``), when it lies there
+    contiguously."""
+    if not isinstance(buf, MemoryFile) or isinstance(out, _Failed) or not out.is_contiguous():
+        return None
+    offset = at + out.data_ptr() - t.untyped_storage().data_ptr()
+    return FdBytes(buf.fd, offset, out.numel() * out.element_size(), buf)
 
 
 def _shares_memory(out, t) -> bool:

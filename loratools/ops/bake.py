@@ -252,14 +252,15 @@ def apply_bias(b, p: Patch, device) -> None:
     target.add_(v.reshape(target.shape), alpha=p.strength)
 
 
-def patch_tensor(w, patches: list[Patch], device, out_dtype):
-    """The patched tensor, computed in float32 on ``device`` and cast once to ``out_dtype`` (on CPU)."""
+def patch_tensor(w, patches: list[Patch], device, out_dtype, in_place: bool = False):
+    """The patched tensor, computed in float32 on ``device`` and cast once to ``out_dtype`` (on CPU).
+    ``in_place``: ``w`` may be overwritten with the result (when the dtype stays)."""
     import torch
 
     if device.type == "cpu" and w.dim() >= 2 and w.numel():
         products = [_product(p, device) for p in patches]
         if all(pr is not None and _fits(pr, _target_shape(w.shape, p.where.rows)) for pr, p in zip(products, patches)):
-            return _patch_in_blocks(w, products, out_dtype)
+            return _patch_in_blocks(w, products, out_dtype, in_place)
     x = w.to(device, non_blocking=True).to(torch.float32)
     for p in patches:
         apply_bias(x, p, device) if p.bias else apply_weight(x, p, device)
@@ -277,15 +278,18 @@ _BLOCK_BYTES = 2 << 20
 _scratch = threading.local()
 
 
-def _patch_in_blocks(w, products, out_dtype):
+def _patch_in_blocks(w, products, out_dtype, in_place: bool = False):
     """W + Σ factor·B@A on CPU, block of rows by block of rows; the same float32 arithmetic as the whole-tensor
-    path (each output row depends only on its own row of W and of B)."""
+    path (each output row depends only on its own row of W and of B, so the result may overwrite W: each block
+    is read before it is written). In place, the result never needs memory of its own, which is new memory
+    (page faults) whenever the allocator maps it afresh."""
     import torch
 
     rows = w.shape[0]
     cols = w.numel() // rows
     src = w.reshape(rows, cols)
-    out = torch.empty(w.shape, dtype=out_dtype)
+    same = in_place and w.dtype == out_dtype and w.is_contiguous()
+    out = w if same else torch.empty(w.shape, dtype=out_dtype)
     dst = out.view(rows, cols)
     step = max(1, _BLOCK_BYTES // (4 * cols))
     buf = getattr(_scratch, "buf", None)
@@ -325,7 +329,8 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
                                    "(--dtype bf16 keeps it)")
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
         if todo:
-            jobs.append((name, lambda w, t=todo, d=torch_dtype: patch_tensor(w, t, device, d)))
+            # the pipeline's read buffer is ours to overwrite
+            jobs.append((name, lambda w, t=todo, d=torch_dtype: patch_tensor(w, t, device, d, in_place=True)))
             result.patched_tensors += 1
         elif dtype != info.dtype:
             jobs.append((name, lambda w, d=torch_dtype: w.to(d)))
@@ -335,7 +340,7 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
             items.append((name, dtype, info.shape, bf.sf.spans(name, [(0, info.nbytes)])))
             result.bytes_written += info.nbytes
             continue
-        items.append((name, dtype, info.shape, pipe.next))  # computed by the pipeline, in this order
+        items.append((name, dtype, info.shape, pipe.next_data))  # computed by the pipeline, in this order
         result.bytes_written += info.numel * _size(dtype)
     pipe.start(bf.sf, jobs)
     return items
