@@ -285,11 +285,20 @@ def test_spans_are_copied_file_to_file(tmp_path, monkeypatch, kernel_copy):
 
 
 @pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memory files are Linux only")
-def test_bytes_of_a_descriptor_are_sent_beside_copies_and_computed_tensors(tmp_path):
+@pytest.mark.parametrize("sendfile", ["used", "refused"])
+def test_bytes_of_a_descriptor_are_sent_beside_copies_and_computed_tensors(tmp_path, monkeypatch, sendfile):
     """FdBytes (a result in a memory file) are sent by the kernel to their place, at any offset in the file,
-    between tensors written from memory, while a second thread copies spans of another file."""
+    between tensors written from memory, while a second thread copies spans of another file; where sendfile is
+    refused, they go through memory."""
+    from loratools.io import safetensors as st
     from loratools.io.safetensors import FdBytes
 
+    if sendfile == "refused":
+        def refuse(*_args):
+            raise OSError(errno.ENOSYS, "not implemented")
+
+        monkeypatch.setattr(os, "sendfile", refuse)
+        monkeypatch.setattr(st._Output, "CHUNK", 1000)  # several pieces
     src, raw = _source_file(tmp_path)
     payload = os.urandom(3 * 4096 + 10)
     fd = os.memfd_create("test")

@@ -773,14 +773,25 @@ class _Output:
         self.offset += len(view)
 
     def _send(self, data: FdBytes) -> None:
+        done = 0
         with _SEND_LOCK:  # sendfile writes at the descriptor's file position, which all threads share
             _io(self.path, os.lseek, self.fd, self.offset, os.SEEK_SET)
-            done = 0
             while done < data.nbytes:
-                k = _io(self.path, os.sendfile, self.fd, data.fd, data.offset + done, data.nbytes - done)
+                try:
+                    k = os.sendfile(self.fd, data.fd, data.offset + done, data.nbytes - done)
+                except OSError as e:
+                    if e.errno not in _NO_KERNEL_COPY:
+                        raise LoraToolsError(f"cannot write output ({_reason(e)})", self.path) from e
+                    break  # refused between these descriptors (a sandbox, another system): through memory
                 if k <= 0:
                     raise LoraToolsError("cannot write output (the data to send ended early)", self.path)
                 done += k
+        while done < data.nbytes:
+            piece = _io(self.path, os.pread, data.fd, min(self.CHUNK, data.nbytes - done), data.offset + done)
+            if not piece:
+                raise LoraToolsError("cannot write output (the data to send ended early)", self.path)
+            _pwrite_all(self.fd, memoryview(piece), self.offset + done, self.path)
+            done += len(piece)
         self.offset += data.nbytes
 
     def _flush_span(self) -> None:
