@@ -286,6 +286,7 @@ class Pipeline:
         self.threads: list[threading.Thread] = []
         self.source: SafetensorsFile | None = None
         self.lent = None  # the buffer the last result handed out lives in
+        self.largest = 0  # bytes of the largest buffer made
 
     def start(self, sf: SafetensorsFile, jobs: list[tuple[str, Callable]]) -> None:
         """``jobs``: (tensor name, fn(tensor) -> tensor); untouched tensors never come here (the writer copies
@@ -317,6 +318,8 @@ class Pipeline:
             buf = bytearray()
         if len(buf) >= nbytes:
             return buf
+        # a new buffer is as large as the largest so far: the pool soon holds only buffers that fit any tensor
+        self.largest = nbytes = max(nbytes, self.largest)
         if MemoryFile.available:
             try:
                 return MemoryFile(nbytes)
