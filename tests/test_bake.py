@@ -258,6 +258,7 @@ def test_pipeline_recycles_read_buffers_but_never_under_a_live_result(tmp_path):
     """A transform may return its input or overwrite it (the result lives in the read buffer): that buffer is
     not reused before the caller asks for the next result, however far the reader runs ahead. Buffers of
     transforms that made new tensors are reused at once."""
+    import threading
     import time
 
     from loratools.io.checkpoints import MemoryFile, Pipeline
@@ -269,14 +270,20 @@ def test_pipeline_recycles_read_buffers_but_never_under_a_live_result(tmp_path):
     write_safetensors(tmp_path / "t.safetensors", [(k, "F32", tuple(v.shape), v) for k, v in tensors.items()], {})
     kinds = ["view", "in place", "new"]
 
-    def job(kind):
-        if kind == "view":
-            return lambda t: t[1:]
-        if kind == "in place":
-            return lambda t: t.mul_(2)
-        return lambda t: t * 3
+    ready_in = []
 
-    jobs = [(k, job(kinds[i % 3])) for i, k in enumerate(tensors)]
+    def three():  # what a transform needs besides its tensor is made in the reader thread
+        ready_in.append(threading.current_thread().name)
+        return 3
+
+    def job(name, kind):
+        if kind == "view":
+            return name, lambda t: t[1:]
+        if kind == "in place":
+            return name, lambda t: t.mul_(2)
+        return name, lambda t, k: t * k, three
+
+    jobs = [job(k, kinds[i % 3]) for i, k in enumerate(tensors)]
     sf = SafetensorsFile(tmp_path / "t.safetensors")
     before = torch.get_num_threads()
     with compute_threads(), Pipeline(torch.device("cpu")) as pipe:
@@ -296,6 +303,7 @@ def test_pipeline_recycles_read_buffers_but_never_under_a_live_result(tmp_path):
     assert torch.get_num_threads() == before
     assert reused >= 2  # the last result's buffer is still lent, the others came back
     assert sent == (8 if MemoryFile.available else 0)  # views and in-place results are sent from the file
+    assert len(ready_in) == 4 and all("_read" in name for name in ready_in)
 
 
 def test_full_size_flux_qkv(tmp_path):

@@ -11,13 +11,13 @@ decided by which candidate keys exist, so no layout has to be declared.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import mmap
 import os
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable
 
 from loratools.errors import FormatError
 from loratools.families.naming import DIFFUSERS, NATIVE
@@ -288,9 +288,11 @@ class Pipeline:
         self.lent = None  # the buffer the last result handed out lives in
         self.largest = 0  # bytes of the largest buffer made
 
-    def start(self, sf: SafetensorsFile, jobs: list[tuple[str, Callable]]) -> None:
-        """``jobs``: (tensor name, fn(tensor) -> tensor); untouched tensors never come here (the writer copies
-        them from the file). ``fn`` may return its input or a view of it."""
+    def start(self, sf: SafetensorsFile, jobs: list[tuple]) -> None:
+        """``jobs``: (tensor name, fn(tensor) -> tensor) or (tensor name, fn(tensor, ready) -> tensor, get_ready);
+        untouched tensors never come here (the writer copies them from the file). ``fn`` may return its input or
+        a view of it. ``get_ready()`` runs in the reader thread, which has time to spare: whatever ``fn`` needs
+        besides the tensor (a LoRA's factors, read and widened) is then ready when the compute thread gets to it."""
         pin = getattr(self.device, "type", "cpu") == "cuda"
         self.source = sf.twin()  # the writer copies untouched tensors through ``sf`` meanwhile
         self.threads = [threading.Thread(target=self._read, args=(self.source, jobs, pin), daemon=True),
@@ -335,7 +337,9 @@ class Pipeline:
 
     def _read(self, sf, jobs, pin: bool) -> None:
         try:
-            for name, fn in jobs:
+            for name, fn, *get_ready in jobs:
+                if get_ready:
+                    fn = functools.partial(_with, fn, get_ready[0]())
                 info = sf.info(name)
                 # in a memory file, the tensor starts where its bytes sit in a page of the file: the output keeps
                 # the base's layout, so a result sent from there fills whole pages of the output
@@ -406,6 +410,10 @@ class Pipeline:
 
 
 _PAGE = mmap.PAGESIZE
+
+
+def _with(fn, ready, t):
+    return fn(t, ready)
 
 
 class MemoryFile:

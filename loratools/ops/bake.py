@@ -252,19 +252,28 @@ def apply_bias(b, p: Patch, device) -> None:
     target.add_(v.reshape(target.shape), alpha=p.strength)
 
 
-def patch_tensor(w, patches: list[Patch], device, out_dtype, in_place: bool = False):
+def patch_tensor(w, patches: list[Patch], device, out_dtype, in_place: bool = False, products=None):
     """The patched tensor, computed in float32 on ``device`` and cast once to ``out_dtype`` (on CPU).
-    ``in_place``: ``w`` may be overwritten with the result (when the dtype stays)."""
+    ``in_place``: ``w`` may be overwritten with the result (when the dtype stays). ``products``: what
+    ``cpu_products`` gave for ``patches``, made beforehand."""
     import torch
 
     if device.type == "cpu" and w.dim() >= 2 and w.numel():
-        products = [_product(p, device) for p in patches]
+        if products is None:
+            products = cpu_products(patches, device)
         if all(pr is not None and _fits(pr, _target_shape(w.shape, p.where.rows)) for pr, p in zip(products, patches)):
             return _patch_in_blocks(w, products, out_dtype, in_place)
     x = w.to(device, non_blocking=True).to(torch.float32)
     for p in patches:
         apply_bias(x, p, device) if p.bias else apply_weight(x, p, device)
     return x.to(out_dtype).cpu()
+
+
+def cpu_products(patches: list[Patch], device) -> list | None:
+    """Each patch's ``_product`` (its factors read and widened to float32), for the CPU path; None elsewhere."""
+    if device.type != "cpu":
+        return None
+    return [_product(p, device) for p in patches]
 
 
 def _target_shape(shape, rows):
@@ -329,8 +338,9 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
                                    "(--dtype bf16 keeps it)")
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
         if todo:
-            # the pipeline's read buffer is ours to overwrite
-            jobs.append((name, lambda w, t=todo, d=torch_dtype: patch_tensor(w, t, device, d, in_place=True)))
+            # the pipeline's read buffer is ours to overwrite; the reader thread reads the factors beforehand
+            jobs.append((name, lambda w, pr, t=todo, d=torch_dtype: patch_tensor(w, t, device, d, True, pr),
+                         lambda t=todo: cpu_products(t, device)))
             result.patched_tensors += 1
         elif dtype != info.dtype:
             jobs.append((name, lambda w, d=torch_dtype: w.to(d)))
