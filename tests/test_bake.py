@@ -291,7 +291,7 @@ def test_pipeline_recycles_read_buffers_but_never_under_a_live_result(tmp_path):
         pipe.start(sf, jobs)
         sent = 0
         for i, (k, t) in enumerate(tensors.items()):
-            got = pipe.next_data()  # what the writer gets: the bytes in a memory file, or the tensor
+            got = pipe.next()  # what the writer gets: the bytes in a memory file, or the tensor
             time.sleep(0.02)  # the reader fills every free buffer meanwhile
             want = {"view": t[1:], "in place": t * 2, "new": t * 3}[kinds[i % 3]]
             if isinstance(got, FdBytes):

@@ -350,7 +350,7 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
             items.append((name, dtype, info.shape, bf.sf.spans(name, [(0, info.nbytes)])))
             result.bytes_written += info.nbytes
             continue
-        items.append((name, dtype, info.shape, pipe.next_data))  # computed by the pipeline, in this order
+        items.append((name, dtype, info.shape, pipe.next))  # computed by the pipeline, in this order
         result.bytes_written += info.numel * _size(dtype)
     pipe.start(bf.sf, jobs)
     return items

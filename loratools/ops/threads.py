@@ -7,31 +7,27 @@ import os
 
 
 @contextlib.contextmanager
-def small_matrix_threads():
-    """One intra-op thread while working module by module: QRs of r-column matrices gain nothing from more
-    threads, and when the cores are busy, extra BLAS threads make them many times slower."""
+def _torch_threads(n: int):
     import torch
 
     before = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(n)
     try:
         yield
     finally:
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
+def small_matrix_threads():
+    """One intra-op thread while working module by module: QRs of r-column matrices gain nothing from more
+    threads, and when the cores are busy, extra BLAS threads make them many times slower."""
+    return _torch_threads(1)
+
+
 def compute_threads():
     """Intra-op threads for a compute thread that runs beside a reader and a writer: one core fewer than the
     machine has. Idle OpenMP threads spin for a while after each product, so with a thread on every core they
     take the cores the reader and writer need (a 6.9 GB bake on two cores: 25.6 s with two threads, 17-19 s
     with one)."""
-    import torch
-
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    before = torch.get_num_threads()
-    torch.set_num_threads(max(1, cpus - 1))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return _torch_threads(max(1, cpus - 1))
