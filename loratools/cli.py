@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 
 import click
@@ -106,6 +107,9 @@ cli.add_command(extract)
 
 
 def main() -> None:
+    # numpy's OpenBLAS starts a thread per core that spins ~0.1 s after numpy is imported, in the middle of
+    # a conversion; loratools does no BLAS in numpy (torch brings its own), so it gets none.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # A command builds its model of a file once and keeps it to the end, so the collector's passes over those
     # thousands of objects find nothing to free: ~10% of a conversion's Python time. Collect far less often.
     gc.freeze()

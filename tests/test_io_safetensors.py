@@ -325,6 +325,63 @@ def test_bytes_of_a_descriptor_are_sent_beside_copies_and_computed_tensors(tmp_p
     src.close()
 
 
+def _scaled_bytes(raw: bytes, dtype: str, k: float) -> bytes:
+    """The stored bytes times ``k``, as a correctly rounded multiply in the dtype gives them."""
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    return as_bytes((torch.frombuffer(bytearray(raw), dtype=torch_dtype).double() * k).to(torch_dtype))
+
+
+@pytest.mark.parametrize("beside", ["copies", "alone"])
+def test_scaled_spans_are_scaled_on_their_way(tmp_path, monkeypatch, beside):
+    """ScaledSpans come out as the stored floats times a power of two, exactly: whole tensors, rows in swapped
+    order, tensors cut into several pieces; next to plain copies (written by a second thread) or alone (read
+    ahead by a reader thread)."""
+    from loratools.io import safetensors as st
+    from loratools.io.safetensors import ScaledSpans
+
+    monkeypatch.setattr(st._Output, "CHUNK", 1024)  # "a" (6 KiB) goes in several pieces
+    src, raw = _source_file(tmp_path)
+    infos = src.header.tensors
+    half = infos["a"].nbytes // 2
+    items = [("a", "F16", (64, 48), ScaledSpans(src.spans("a", [(0, infos["a"].nbytes)]), "F16", 0.5)),
+             ("a_swapped", "F16", (64, 48),
+              ScaledSpans(src.spans("a", [(half, 2 * half), (0, half)]), "F16", 2.0**-20)),
+             ("b", "BF16", (3, 5), ScaledSpans(src.spans("b", [(0, infos["b"].nbytes)]), "BF16", 8.0)),
+             ("c", "F32", (7,), ScaledSpans(src.spans("c", [(0, infos["c"].nbytes)]), "F32", 0.25))]
+    if beside == "copies":
+        items.insert(1, ("copied", "F32", (7,), src.spans("c", [(0, infos["c"].nbytes)])))
+        items.append(("computed", "U8", (3,), lambda: b"xyz"))
+    out = tmp_path / "out.safetensors"
+    write_safetensors(out, items)
+    got = safetensors.torch.load_file(out)
+    assert as_bytes(got["a"]) == _scaled_bytes(raw["a"], "F16", 0.5)
+    swapped = raw["a"][half:] + raw["a"][:half]
+    assert as_bytes(got["a_swapped"]) == _scaled_bytes(swapped, "F16", 2.0**-20)  # many values go subnormal
+    assert as_bytes(got["b"]) == _scaled_bytes(raw["b"], "BF16", 8.0)
+    assert as_bytes(got["c"]) == _scaled_bytes(raw["c"], "F32", 0.25)
+    if beside == "copies":
+        assert as_bytes(got["copied"]) == raw["c"] and as_bytes(got["computed"]) == b"xyz"
+    src.close()
+
+
+def test_scaled_spans_that_cannot_be_scaled_exactly_are_refused(tmp_path):
+    from loratools.io.safetensors import ScaledSpans
+
+    src, _ = _source_file(tmp_path)
+    a = src.spans("a", [(0, src.header.tensors["a"].nbytes)])
+    cases = [(("a", "F16", (64, 48), ScaledSpans(a, "F16", 0.3)), "cannot scale F16 by 0.3"),
+             (("a", "BF16", (64, 48), ScaledSpans(a, "F16", 0.5)), "into BF16"),
+             (("a", "U16", (64, 48), ScaledSpans(a, "U16", 0.5)), "cannot scale U16"),
+             (("a", "F16", (64, 47), ScaledSpans(a, "F16", 0.5)), "needs 6016"),
+             (("a", "F16", (3,), ScaledSpans(src.spans("a", [(0, 3), (5, 8)]), "F16", 0.5)), "not whole values")]
+    for item, message in cases:
+        out = tmp_path / "bad.safetensors"
+        with pytest.raises(LoraToolsError, match=message):
+            write_safetensors(out, [("x", "U8", (2,), b"ok"), item])
+        assert not out.exists() and not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+    src.close()
+
+
 def test_copies_follow_their_source_order_and_page(tmp_path, monkeypatch):
     """Spans given in any order are laid out in source order behind the other tensors, copied in one piece,
     at the same place within a page as in the source; the header keeps the names in the given order."""

@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from loratools.errors import LoraToolsError, UsageError
-from loratools.io.safetensors import DTYPE_SIZES, write_safetensors
+from loratools.io.safetensors import DTYPE_SIZES, ScaledSpans, write_safetensors
 from loratools.ops.canonical import OutModule
 
 TARGETS = ("kohya", "diffusers", "peft", "comfy")
@@ -50,12 +50,14 @@ class _Lazy:
     def data(self, which: int, k: float = 1.0):
         """Producer of factor ``which`` (0 up, 1 down, 2 mid) times ``k`` in the output dtype: spans of the
         stored bytes when nothing changes, the stored rows times ``k`` when only the scale does (on the bits,
-        without torch, for a power of two), otherwise computed with torch."""
+        without torch, for a power of two: by the writer as it copies them), otherwise computed with torch."""
         rows = self.om.raw[which] if self.om.raw else None
         if rows is not None and rows.ref.dtype == self.dtype:
-            if k != 1.0:
-                return lambda: rows.scaled(k)
             spans = rows.spans()  # known without reading
+            if k != 1.0:
+                if spans is not None and self.dtype in ("F16", "BF16", "F32") and math.frexp(k)[0] == 0.5:
+                    return ScaledSpans(spans, self.dtype, k)
+                return lambda: rows.scaled(k)
             return rows.read if spans is None else spans
         return lambda: self.scaled(self.factors()[which], k)
 
