@@ -1,5 +1,6 @@
 """Power-of-two scaling of stored float16 factors (what `convert --to diffusers` does to fold alpha/r), next to
-the float64 round trip it replaced for the values the exponent alone cannot move.
+the float64 round trip it replaced for the values the exponent alone cannot move (loratools now takes those
+from a table of all 65536 results).
 
     python benchmarks/bench_scale.py [--repeat 5]
 
@@ -78,7 +79,7 @@ def main() -> None:
         values = sum(len(d) for d in data) // 2
         rows.append([name, f"{size:.0f}", f"{small / values:.1%}", f"{old:.3f}", f"{new:.3f}", f"{old / new:.2f}x"])
     print(f"power-of-two scaling (x0.5) of float16 up-factors, best of {args.repeat}")
-    print(table(rows, ["factors", "MB", "values redone", "float64 round trip s", "integer s", "speed-up"]))
+    print(table(rows, ["factors", "MB", "values redone", "float64 round trip s", "loratools s", "speed-up"]))
 
 
 if __name__ == "__main__":
