@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 from loratools.errors import LoraToolsError, UsageError
-from loratools.io.safetensors import DTYPE_SIZES, ScaledSpans, write_safetensors
+from loratools.io.safetensors import DTYPE_SIZES, ScaledSpans, scales_on_bits, write_safetensors
 from loratools.ops.canonical import OutModule
 
 TARGETS = ("kohya", "diffusers", "peft", "comfy")
@@ -55,7 +55,7 @@ class _Lazy:
         if rows is not None and rows.ref.dtype == self.dtype:
             spans = rows.spans()  # known without reading
             if k != 1.0:
-                if spans is not None and self.dtype in ("F16", "BF16", "F32") and math.frexp(k)[0] == 0.5:
+                if spans is not None and scales_on_bits(self.dtype, k):
                     return ScaledSpans(spans, self.dtype, k)
                 return lambda: rows.scaled(k)
             return rows.read if spans is None else spans

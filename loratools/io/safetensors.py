@@ -565,7 +565,7 @@ def _tensor_bytes(info: TensorInfo, data: Data, path: str) -> memoryview | FileS
     if callable(data):
         data = data()
     if isinstance(data, (FileSpans, FdBytes, ScaledSpans)):
-        if isinstance(data, ScaledSpans) and (data.dtype != info.dtype or not _scales_exactly(data.dtype, data.k)):
+        if isinstance(data, ScaledSpans) and (data.dtype != info.dtype or not scales_on_bits(data.dtype, data.k)):
             raise LoraToolsError(f"cannot write tensor {quote_name(info.name)}: cannot scale {data.dtype} by "
                                  f"{data.k} on the bits into {info.dtype}", path)
         if data.nbytes != info.nbytes:
@@ -594,8 +594,9 @@ def _tensor_bytes(info: TensorInfo, data: Data, path: str) -> memoryview | FileS
     return view
 
 
-def _scales_exactly(dtype: str, k: float) -> bool:
-    """Whether the writer can scale ``dtype`` floats by ``k`` on the bits (a finite power of two)."""
+def scales_on_bits(dtype: str, k: float) -> bool:
+    """Whether the writer can scale ``dtype`` floats by ``k`` on their bits, exactly (``ScaledSpans``): ``k``
+    a finite power of two and ``dtype`` an IEEE-style float layout."""
     return dtype in ("F16", "BF16", "F32") and isinstance(k, (int, float)) and math.frexp(k)[0] == 0.5
 
 
