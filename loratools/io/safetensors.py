@@ -596,7 +596,8 @@ def _tensor_bytes(info: TensorInfo, data: Data, path: str) -> memoryview | FileS
 
 def scales_on_bits(dtype: str, k: float) -> bool:
     """Whether the writer can scale ``dtype`` floats by ``k`` on their bits, exactly (``ScaledSpans``): ``k``
-    a finite power of two and ``dtype`` an IEEE-style float layout."""
+    a finite power of two and ``dtype`` an IEEE-style float layout (those of ``arrays._FLOAT_BITS``, named here
+    so that this module never imports numpy)."""
     return dtype in ("F16", "BF16", "F32") and isinstance(k, (int, float)) and math.frexp(k)[0] == 0.5
 
 
