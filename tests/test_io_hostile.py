@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from loratools.errors import HeaderError
-from loratools.io.safetensors import SafetensorsFile, read_header
+from loratools.io.reader import SafetensorsFile, read_header
 
 
 def entry(dtype="F32", shape=(2,), offsets=(0, 8)):

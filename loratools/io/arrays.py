@@ -5,7 +5,6 @@ Kept apart from the header reader so that reading headers never imports numpy.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -89,13 +88,9 @@ def scale_by_power_of_two(buf: bytearray, dtype: str, k: float) -> bool:
     a float layout; returns False (``buf`` untouched) otherwise.
 
     Scaling by 2**e only moves the exponent, so for normal values whose result stays normal it is exact and is
-    done on the bits (numpy's float16 arithmetic is ~10x slower than this, and torch costs seconds to import).
-    The other values (subnormal before or after, overflowing, zero, infinite, NaN) are few in a LoRA factor,
-    but not very few: trained up-factors hold many values near float16's subnormal range. They are redone in
-    integer arithmetic with the rounding of a float multiply (to nearest, ties to even), which measured ~6x
-    faster than decoding them to float64 and encoding back; for the 16-bit layouts, through a table of all
-    65536 results (the ~25 small numpy calls of the arithmetic cost more than the values themselves: 430 ->
-    334 us per MiB of LoRA factors).
+    done on the bits (numpy has no bfloat16, and importing torch would cost more than converting a file). The other
+    values (subnormal before or after, overflowing, zero, infinite, NaN) are redone in integer arithmetic with the
+    rounding of a float multiply (to nearest, ties to even).
     """
     layout = _FLOAT_BITS.get(dtype)
     mantissa, e = math.frexp(k)
@@ -116,18 +111,8 @@ def scale_by_power_of_two(buf: bytearray, dtype: str, k: float) -> bool:
     step = np.array(abs(e) << shift, dtype=code)
     (np.add if e > 0 else np.subtract)(bits, step, out=bits)  # the exponent moves; `others` are redone below
     if rest.size:
-        if bits.itemsize == 2:
-            bits[rest] = _scaled_table(dtype, e)[others]
-        else:  # float32 has too many patterns for a table, and its intermediates need int64
-            bits[rest] = _scale_bits(others.astype(np.int64), e, shift, top).astype(code)
+        bits[rest] = _scale_bits(others.astype(np.int64), e, shift, top).astype(code)
     return True
-
-
-@functools.lru_cache(maxsize=32)
-def _scaled_table(dtype: str, e: int) -> np.ndarray:
-    """Every 16-bit pattern of ``dtype`` times 2**e (int32 holds every intermediate of the 16-bit layouts)."""
-    code, shift, top = _FLOAT_BITS[dtype]
-    return _scale_bits(np.arange(1 << 16, dtype=np.int32), e, shift, top).astype(code)
 
 
 def _scale_bits(x: np.ndarray, e: int, shift: int, top: int) -> np.ndarray:

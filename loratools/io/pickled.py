@@ -14,10 +14,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from loratools.errors import HeaderError, LoraToolsError, UnsafeFileError
-from loratools.io.safetensors import TORCH_DTYPES, TensorInfo, check_regular_file, quote_name
+from loratools.io.reader import TORCH_DTYPES, TensorInfo, check_regular_file, quote_name
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
 
@@ -30,6 +28,20 @@ REFUSED = (
 def is_pickle_path(path: str | os.PathLike) -> bool:
     """Whether ``path`` has a suffix that pickled torch checkpoints use."""
     return Path(path).suffix.lower() in PICKLE_SUFFIXES
+
+
+def looks_pickled(path: str | os.PathLike) -> bool:
+    """Whether a file is a pickle by its suffix or its first bytes (a zip archive or a pickle protocol mark)."""
+    if is_pickle_path(path):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if head[8:9] == b"{":  # a safetensors header (its 8-byte length may start with any bytes)
+        return False
+    return head[:2] == b"PK" or head[:1] == b"\x80"
 
 
 class TensorDictSource:
@@ -67,7 +79,7 @@ class TensorDictSource:
         flat = self.torch(name).detach().contiguous().reshape(-1)
         return memoryview(flat.view(torch.uint8).numpy())
 
-    def numpy(self, name: str) -> np.ndarray:
+    def numpy(self, name: str):
         """A read-only array; bfloat16 and float8 become float32, as SafetensorsFile.numpy does."""
         import torch
 

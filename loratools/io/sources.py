@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loratools.errors import FormatError, LoraToolsError
-from loratools.io.safetensors import SafetensorsFile
+from loratools.io.pickled import load_pickled, looks_pickled
+from loratools.io.reader import SafetensorsFile
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -25,12 +26,6 @@ class Opened:
     size_bytes: int
 
 
-def _looks_pickled(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    return head[:2] == b"PK" or head[:1] == b"\x80"
-
-
 def open_lora(path: str | os.PathLike, allow_pickle: bool = False) -> Opened:
     """Open a LoRA file or PEFT folder; the caller closes ``source``."""
     p = Path(path)
@@ -38,8 +33,7 @@ def open_lora(path: str | os.PathLike, allow_pickle: bool = False) -> Opened:
         return _open_folder(p, allow_pickle)
     if not p.exists():
         raise LoraToolsError("no such file or folder", p)
-    if p.suffix in PICKLE_SUFFIXES or (p.suffix != ".safetensors" and p.is_file() and _looks_pickled(str(p))):
-        from loratools.io.pickled import load_pickled  # numpy/torch only for pickles
+    if p.suffix.lower() in PICKLE_SUFFIXES or (p.suffix != ".safetensors" and p.is_file() and looks_pickled(p)):
 
         src = load_pickled(p, allow_pickle)
         return Opened(str(p), str(p), src, None, p.stat().st_size)
