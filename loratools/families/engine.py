@@ -1,13 +1,10 @@
 """Scoring engine for base-model family detection.
 
 Every family is described by one JSON file in ``data/`` (the file name is its id); text encoders that several
-families share are described once in ``data/_text_encoders.json``. The engine knows nothing about any family: it
-scores all of them against the module names and shapes of a file and explains the result.
+families share are described once in ``encoders.json``. The engine knows nothing about any family: it scores all of
+them against the module names and shapes of a file and explains the result.
 
-Family file keys (all optional except ``id``):
-
-``name``, ``model_component`` (``unet`` / ``transformer``), ``prior`` (0-1, used only to break exact ties),
-``tells`` (what separates this family from look-alikes), and
+The ``detect`` keys of a family file (all optional):
 
 - ``metadata``: ``{key: [regex, ...]}``; a header value matching one (case-insensitive) claims this family;
 - ``modules``: ``[{pattern, says}]``; the module names the family has. A file's names that no pattern of a
@@ -18,7 +15,6 @@ Family file keys (all optional except ``id``):
 - ``dims``: ``[{pattern, in?, out?, expect?, weight?, says}]``; the shapes of matching modules (the first rule
   that matches a module checks it): ``in``/``out`` an int or a list of ints, or ``expect`` a list of
   ``{in?, out?, variant?}`` alternatives;
-- ``text_encoders``: ``{slot: [encoder id, ...]}``; which encoders may sit in ``te1``, ``te2``, ... ;
 - ``variants``: ``[{pattern | metadata: {key: regex}, variant}]``.
 
 Patterns are regular expressions searched in the normalised name: dots become underscores, runs of underscores
@@ -32,7 +28,8 @@ collapsed) it does not have, for every forbid rule that fires and every block in
 points for a complete block count and, in proportion to their weights, for shape rules that agree minus those that
 disagree (the same for text-encoder widths). A softmax over the candidates' scores, times a quality factor (the share
 of module kinds explained, how well the shapes agree, whether any shape could be checked at all), is the confidence.
-Exactly equal scores are ties; only metadata or, failing that, the prior picks among them.
+Exactly equal scores are ties; only metadata can pick among them (``detect`` says when a family is decided). Which
+encoders may sit in a file's ``te1``, ``te2``, ... comes from the family's ``text_encoders``.
 """
 
 from __future__ import annotations
@@ -42,7 +39,7 @@ from collections import Counter, defaultdict
 from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 if TYPE_CHECKING:
-    from . import Encoders, Family, Rule
+    from .family import Encoders, Family, Pattern
 
 # Score weights (points; one point is a factor e in the softmax that gives the confidence).
 UNEXPLAINED = 3.0  # per kind of model module (digits collapsed) the family does not have
@@ -132,7 +129,7 @@ def prefixes(pattern: str, k: int = 3) -> tuple[str, ...] | None:
 # --------------------------------------------------------------------------------------------------- detection
 
 
-def _first_rule(rules: Sequence[Rule], name: str) -> int:
+def _first_rule(rules: Sequence[Pattern], name: str) -> int:
     """Index of the first rule that matches the name, or -1."""
     for k, r in enumerate(rules):
         if (r.first is None or name.startswith(r.first)) and r.rx.search(name):

@@ -1,23 +1,21 @@
-"""How each family names its modules in every LoRA format: data tables plus one small lookup engine.
+"""How a family names its modules: native (original checkpoint) names and diffusers names, as data, plus lookup.
 
 A module's canonical identity is ``(space, native path, part)``: ``space`` is ``"model"`` (UNet or DiT) or a
-text-encoder kind (``clip_l``, ``clip_g``, ``openclip_h``, ``t5``); the native path is the module's name in
-the original checkpoint (LDM/SGM for UNets, BFL for Flux, SAI for SD3; transformers names for encoders);
-``part`` says which row slice of a fused native weight a diffusers module is (Flux ``to_q`` is part 0 of
-``img_attn.qkv``). Kohya names are looked up in the same tables with dots turned into underscores: they are
-matched against known names, never split on ``_``.
+text-encoder id (``clip_l``, ``t5_xxl``...); the native path is the module's name in the original checkpoint (LDM/SGM
+for UNets, BFL for Flux, SAI for SD3; transformers names for encoders); ``part`` says which row slice of a fused
+native weight a diffusers module is (Flux ``to_q`` is part 0 of ``img_attn.qkv``). Kohya names are looked up in the
+same tables with dots turned into underscores: they are matched against known names, never split on ``_``.
+
+A family file's ``naming`` holds ``rules`` (one native template, one or several diffusers templates, ``{i}`` for a
+block index) and, for UNets, ``blocks`` (native block prefix -> diffusers prefix and the kind of block) with the
+``inner`` rules of each kind of block: the rules are the blocks' prefixes joined to their kind's inner rules.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
-from typing import NamedTuple
-
-from loratools.errors import UnknownFamily
+from collections import defaultdict
+from typing import Mapping, NamedTuple
 
 NATIVE, DIFFUSERS = "native", "diffusers"
 
@@ -36,8 +34,7 @@ class Canon(NamedTuple):
     naming: str  # which spelling matched: native or diffusers
 
 
-@dataclass(frozen=True)
-class Rule:
+class NameRule(NamedTuple):
     native: str
     diffusers: tuple[str, ...]
     sizes: tuple[int, ...] | None = None
@@ -47,12 +44,35 @@ class Rule:
     def fused(self) -> bool:
         return len(self.diffusers) > 1
 
+    def spellings(self):
+        """(naming, part index or None, template) of every name the rule gives a module."""
+        yield NATIVE, None, self.native
+        for k, d in enumerate(self.diffusers):
+            yield DIFFUSERS, (k if self.fused else None), d
 
-def _pattern(template: str, flat: bool) -> str:
-    pieces = template.split("{i}")
-    if flat:
-        pieces = [p.replace(".", "_") for p in pieces]
-    return "^" + r"(\d+)".join(re.escape(p) for p in pieces) + "$"
+    def bounds(self, in_dim: int, out_dim: int, name: str) -> list[tuple[int, int]]:
+        """Row ranges of the parts: every part but the last is sizes[k] × in-features, the last takes the rest."""
+        from ..errors import FormatError
+
+        sizes = self.sizes or (1,) * len(self.diffusers)
+        bounds, lo = [], 0
+        for k, size in enumerate(sizes):
+            hi = out_dim if k == len(sizes) - 1 else lo + size * in_dim
+            bounds.append((lo, hi))
+            lo = hi
+        if bounds[-1][1] <= bounds[-1][0] or (len(bounds) > 1 and bounds[-2][1] > out_dim):
+            raise FormatError(f"{name}: {out_dim} rows do not split into parts of {list(sizes)} × {in_dim}")
+        return bounds
+
+    def swaps(self, canon_naming: str, target_naming: str, out_dim: int, in_dim: int) -> bool:
+        """Whether B's row halves trade places between the naming a module was found in and ``target_naming``."""
+        if self.swap_halves is None or canon_naming == target_naming:
+            return False
+        return self.swap_halves == "always" or out_dim == 2 * in_dim
+
+
+def _pattern(template: str) -> re.Pattern:
+    return re.compile("^" + r"(\d+)".join(re.escape(p) for p in template.split("{i}")) + "$")
 
 
 def _fill(template: str, numbers: tuple[str, ...]) -> str:
@@ -61,66 +81,74 @@ def _fill(template: str, numbers: tuple[str, ...]) -> str:
     return template
 
 
-class _Templates:
-    """Rules with ``{i}`` block indices, matched by regex on the dotted or the flattened spelling."""
+class Templates:
+    """Rules looked up by name, dotted or flattened. Names without a block index are a dict lookup; templates with
+    ``{i}`` are indexed by the literal text before their first index, so a lookup tries only the few whose head the
+    name starts with."""
 
-    def __init__(self, rules: list[Rule]):
+    def __init__(self, rules: list[NameRule]):
         self.rules = rules
-        self.patterns = []  # (regex source, flat, naming, part, rule)
-        self._compiled: dict[int, re.Pattern] = {}  # index -> compiled, on first use (most are never tried)
-        for rule in rules:
-            names = [(NATIVE, None, rule.native)] + [(DIFFUSERS, k if rule.fused else None, d)
-                                                    for k, d in enumerate(rule.diffusers)]
-            for naming, part, template in names:
-                if "{i}" in template:
-                    for flat in (False, True):
-                        self.patterns.append((_pattern(template, flat), flat, naming, part, rule))
         self.exact: dict[tuple[bool, str], tuple] = {}
+        self.by_head: dict[tuple[bool, str], list] = defaultdict(list)
         for rule in rules:
-            for naming, part, template in [(NATIVE, None, rule.native)] + [
-                    (DIFFUSERS, k if rule.fused else None, d) for k, d in enumerate(rule.diffusers)]:
-                if "{i}" not in template:
-                    self.exact[(False, template)] = (naming, part, rule, ())
-                    self.exact.setdefault((True, template.replace(".", "_")), (naming, part, rule, ()))
+            for naming, part, template in rule.spellings():
+                for flat in (False, True):
+                    text = template.replace(".", "_") if flat else template
+                    if "{i}" not in text:
+                        self.exact.setdefault((flat, text), (naming, part, rule, ()))
+                    else:
+                        self.by_head[(flat, text.split("{i}", 1)[0])].append([text, None, naming, part, rule])
+        lengths: dict[bool, set] = {False: set(), True: set()}
+        for flat, head in self.by_head:
+            lengths[flat].add(len(head))
+        self.head_lengths = {flat: sorted(n, reverse=True) for flat, n in lengths.items()}  # most specific first
 
     def match(self, name: str, flat: bool):
         hit = self.exact.get((flat, name))
         if hit:
             return hit
-        for k, (pattern, is_flat, naming, part, rule) in enumerate(self.patterns):
-            if is_flat == flat:
-                rx = self._compiled.get(k)
-                if rx is None:
-                    rx = self._compiled[k] = re.compile(pattern)
-                m = rx.match(name)
+        for n in self.head_lengths[flat]:
+            for entry in self.by_head.get((flat, name[:n]), ()):
+                if entry[1] is None:
+                    entry[1] = _pattern(entry[0])
+                m = entry[1].match(name)
                 if m:
-                    return naming, part, rule, m.groups()
+                    return entry[2], entry[3], entry[4], m.groups()
         return None
 
 
+def _rules(data: Mapping) -> list[NameRule]:
+    """The family file's ``rules``, then its UNet ``blocks`` joined with their kind's ``inner`` rules."""
+    out = []
+    for r in data.get("rules", []):
+        d = r["diffusers"]
+        out.append(NameRule(r["native"], tuple(d) if isinstance(d, list) else (d,),
+                            tuple(r["sizes"]) if "sizes" in r else None, r.get("swap_halves")))
+    inner = {kind: [(x, x) if isinstance(x, str) else tuple(x) for x in rules]
+             for kind, rules in data.get("inner", {}).items()}
+    for native_prefix, (diffusers_prefix, kind) in data.get("blocks", {}).items():
+        out += [NameRule(f"{native_prefix}.{n}", (f"{diffusers_prefix}.{d}",)) for n, d in inner[kind]]
+    return out
+
+
 class NamingTable:
-    """One family's module spellings (data from ``naming/<family>.json``)."""
+    """One family's module spellings, and its text encoders' (the same in every format)."""
 
-    def __init__(self, data: dict, unet_pairs: list | None, encoders: dict):
-        self.family = data["family"]
-        self.kohya_model = data.get("kohya_model", NATIVE)
+    def __init__(self, family: str, data: Mapping, family_encoders: Mapping, shared):
+        self.family = family
+        self.kohya_model = data.get("kohya", NATIVE)  # the naming kohya-style files spell the model in
         self.architecture = data.get("architecture")
-        self.encoders: dict[str, dict[str, str]] = data.get("encoders", {})
-        rules = [Rule(r["native"], tuple(r["diffusers"]) if isinstance(r["diffusers"], list) else (r["diffusers"],),
-                      tuple(r["sizes"]) if "sizes" in r else None, r.get("swap_halves"))
-                 for r in data.get("rules", [])]
-        rules += [Rule(n, (d,)) for n, d in unet_pairs or []]
-        self.model = _Templates(rules)
+        rules = _rules(data)
+        self.model = Templates(rules)
         self._by_native = {r.native: r for r in rules}
-        self._encoder_kinds = encoders["kinds"]
-        self._encoder_rules = {layout: _Templates([Rule(p, (p,)) for p in _expand(specs)])
-                               for layout, specs in encoders["layouts"].items()}
+        self._encoders: dict[str, Templates] = {}
+        for eid in family_encoders:
+            enc = shared.by_id.get(eid)
+            if enc is not None:
+                self._encoders[eid] = Templates([NameRule(p, (p,)) for p in enc.module_paths])
 
-    def _space(self, space: str) -> _Templates | None:
-        if space == "model":
-            return self.model
-        kind = self._encoder_kinds.get(space)
-        return self._encoder_rules.get(kind["layout"]) if kind else None
+    def _space(self, space: str) -> Templates | None:
+        return self.model if space == "model" else self._encoders.get(space)
 
     def resolve(self, space: str, name: str, flat: bool) -> Canon | None:
         """The canonical identity of a module name (dotted, or kohya-flattened when ``flat``)."""
@@ -129,75 +157,20 @@ class NamingTable:
         if hit is None:
             return None
         naming, part, rule, numbers = hit
-        native = _fill(rule.native, numbers)
-        return Canon(space, native, Part(part, rule.sizes) if part is not None else None, naming)
+        return Canon(space, _fill(rule.native, numbers), Part(part, rule.sizes) if part is not None else None, naming)
 
-    def rule(self, space: str, native: str) -> Rule:
-        """The rule of a native path (block indices generalised)."""
+    def rule(self, space: str, native: str) -> NameRule:
+        """The rule of a native path, with its block indices filled in."""
         if space != "model":
-            return Rule(native, (native,))
+            return NameRule(native, (native,))
         rule = self._by_native.get(native)
         if rule is not None:
             return rule
-        hit = self.model.match(native, False)
-        naming, _, rule, numbers = hit
-        return Rule(native, tuple(_fill(d, numbers) for d in rule.diffusers), rule.sizes, rule.swap_halves)
+        _, _, rule, numbers = self.model.match(native, False)
+        return NameRule(native, tuple(_fill(d, numbers) for d in rule.diffusers), rule.sizes, rule.swap_halves)
 
     def spell(self, space: str, native: str, naming: str) -> list[str]:
         """Names of a native module in ``naming``: one, or the parts of a fused weight."""
         if space != "model" or naming == NATIVE:
             return [native]
         return list(self.rule(space, native).diffusers)
-
-    def encoder_kinds(self, fmt: str, modules) -> dict[str, str]:
-        """Which encoder each of a file's ``te1``/``te2``/``te3`` is: by the format's numbering, unless the
-        attention width says otherwise. ``modules`` is an iterable of (component, name, in_dim)."""
-        widths: dict[str, set] = {}
-        for component, name, in_dim in modules:
-            if component.startswith("te") and in_dim and ("self_attn" in name or "SelfAttention" in name):
-                widths.setdefault(component, set()).add(in_dim)
-        out = {}
-        for kind in self.encoders:
-            out.setdefault(_COMPONENT.get(self.encoder_slot(kind, fmt), "te1"), kind)
-        for component, seen in widths.items():
-            fits = [k for k in self.encoders if self._encoder_kinds[k]["width"] in seen]
-            if len(fits) == 1:
-                out[component] = fits[0]
-        return out
-
-    def encoder_slot(self, kind: str, fmt: str) -> str:
-        spell = self.encoders[kind]
-        return spell.get(fmt) or spell["diffusers" if fmt == "peft" else "kohya"]
-
-
-# How each format's text-encoder slot names a file component (what formats.keys.split_stem reports).
-_COMPONENT = {"te": "te1", "te1": "te1", "te2": "te2", "te3": "te3", "text_encoder": "te1", "text_encoder_2": "te2",
-              "text_encoder_3": "te3", "clip_l": "te1", "clip_g": "te2", "clip_h": "te1", "t5xxl": "te3"}
-
-
-def _expand(specs: list[dict]) -> list[str]:
-    out = []
-    for spec in specs:
-        choices = spec.get("x")
-        out += [spec["path"].replace("{x}", x) for x in choices] if choices else [spec["path"]]
-    return out
-
-
-def _dir():
-    return Path(__file__).parent / "naming"
-
-
-@lru_cache(maxsize=None)
-def naming_table(family: str) -> NamingTable:
-    """The naming table of a family; UnknownFamily when the family has none (no conversion tables yet)."""
-    path = _dir().joinpath(f"{family}.json")
-    if not path.is_file():
-        have = ", ".join(sorted(p.name[:-5] for p in _dir().iterdir()
-                                if p.name.endswith(".json") and not p.name.startswith("_") and ".unet" not in p.name))
-        raise UnknownFamily(f"no naming tables for family '{family}' (tables exist for {have})")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    pairs = None
-    if "unet_pairs" in data:
-        pairs = json.loads(_dir().joinpath(data["unet_pairs"]).read_text(encoding="utf-8"))["pairs"]
-    encoders = json.loads(_dir().joinpath("_encoders.json").read_text(encoding="utf-8"))
-    return NamingTable(data, pairs, encoders)
