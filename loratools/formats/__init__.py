@@ -1,8 +1,8 @@
-"""Format codecs: reading any supported naming scheme into canonical modules.
+"""Format codecs: reading any supported naming scheme into canonical modules, and writing the writable ones.
 
-Formats differ in two things only: how a key's suffix spells the tensor's role (``keys.parse_key``)
-and how its prefix names the component (``keys.split_stem``). Reading groups keys by stem, lets each
-adapter class claim its roles, and reports every key nobody claimed.
+Reading groups a file's keys by module stem (``keys.parse_key``: the adapters' suffixes and the codecs' own
+spellings; ``keys.split_stem``: the codecs' prefixes), lets each adapter type claim its roles, names the file's
+format by the codec that explains most of its modules, and reports every key nobody claimed.
 """
 
 from __future__ import annotations
@@ -12,15 +12,30 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 from loratools.adapters import MODIFIER_ROLES, Replace, registry
-from loratools.errors import FormatError
+from loratools.errors import FormatError, ShapeMismatch, UsageError
+from loratools.formats import special, kohya, diffusers  # noqa: F401  (registration order is detection order)
+from loratools.formats.codec import Codec, Stem, WriteOptions, codecs, get_codec, targets
 from loratools.formats.keys import parse_key, split_stem
 from loratools.formats.peft_config import AdapterConfig
 from loratools.model import Module, TensorRef
 
-FORMAT_IDS = ("kohya", "diffusers", "diffusers_legacy", "peft", "comfy", "lycoris", "xlabs", "bfl_control",
-              "onetrainer", "cloneofsimo")
+__all__ = ["FORMAT_IDS", "TARGETS", "Codec", "ReadResult", "WriteOptions", "codec_for", "read_modules", "targets"]
+
+FORMAT_IDS = tuple(c.id for c in codecs())
+TARGETS = targets()
 _EMBEDDING_PREFIXES = ("bundle_emb.",)
 _MALFORMED_SUFFIX = re.compile(r"_lora_(down|up)\.weight$|_lora_[AB]\.weight$")
+
+
+def codec_for(fmt: str) -> Codec:
+    """The codec that writes ``fmt``; UsageError for a format loratools does not write."""
+    try:
+        codec = get_codec(fmt)
+    except KeyError:
+        codec = None
+    if codec is None or not codec.writable:
+        raise UsageError(f"unknown target format '{fmt}' (choose from {', '.join(TARGETS)})")
+    return codec
 
 
 @dataclass
@@ -31,26 +46,13 @@ class ReadResult:
     extras: dict[str, list[str]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)  # the file contradicts itself (config vs tensors)
-
-
-class _Stem:
-    """The keys of one module stem (a plain class: a file has thousands, and a dataclass with default
-    factories costs several times more to make)."""
-
-    __slots__ = ("component", "name", "naming", "roles", "keys", "spellings", "duplicates")
-
-    def __init__(self, component: str, name: str, naming: str):
-        self.component, self.name, self.naming = component, name, naming
-        self.roles: dict[str, TensorRef] = {}
-        self.keys: dict[str, str] = {}  # role -> key
-        self.spellings: dict[str, int] = {}  # suffix spelling -> how many keys use it
-        self.duplicates: list[str] = []
+    rejected: list[str] = field(default_factory=list)  # modules whose tensors do not fit together
 
 
 def read_modules(tensors: dict[str, TensorRef], metadata: dict[str, str], path: str,
                  config: AdapterConfig | None = None) -> ReadResult:
     """Turn a file's tensors into canonical modules; raise FormatError if none is an adapter."""
-    stems: dict[str, _Stem] = {}
+    stems: dict[str, Stem] = {}
     extras: dict[str, list[str]] = defaultdict(list)
     embeds = {k for k, v in metadata.items() if v == "<embed>"}  # cloneofsimo PTI tokens
     for key, ref in tensors.items():
@@ -61,7 +63,7 @@ def read_modules(tensors: dict[str, TensorRef], metadata: dict[str, str], path: 
         st = stems.get(kp.stem)
         if st is None:
             sp = split_stem(kp.stem)
-            st = stems[kp.stem] = _Stem(sp.component, sp.name, sp.naming)
+            st = stems[kp.stem] = Stem(sp.component, sp.name, sp.naming)
         if kp.role in st.roles:
             st.duplicates.append(key)
             continue
@@ -69,18 +71,28 @@ def read_modules(tensors: dict[str, TensorRef], metadata: dict[str, str], path: 
         st.keys[kp.role] = key
         st.spellings[kp.spelling] = st.spellings.get(kp.spelling, 0) + 1
 
-    fmt = _decide_format(stems)
+    fmt = decide_format(list(stems.values()))
     config = config or AdapterConfig.from_metadata(metadata)
     result = ReadResult(fmt, [], extras=dict(extras))
     for st in stems.values():
         _read_stem(st, fmt, config, result)
     if not result.modules:
-        raise FormatError(_not_a_lora(tensors), path)
+        raise FormatError(_not_a_lora(tensors, result.rejected), path)
     _check_mixture(stems, result)
     return result
 
 
-def _read_stem(st: _Stem, fmt: str, config: AdapterConfig | None, result: ReadResult) -> None:
+def decide_format(stems: list[Stem]) -> str:
+    """The codec that explains most of the file's adapter stems (the first registered on a tie)."""
+    best, best_score = "unknown", 0
+    for codec in codecs():
+        score = codec.score(stems)
+        if score > best_score:
+            best, best_score = codec.id, score
+    return best
+
+
+def _read_stem(st: Stem, fmt: str, config: AdapterConfig | None, result: ReadResult) -> None:
     roles = set(st.roles)
     for key in st.duplicates:
         result.warnings.append(f"duplicate key for the same tensor role, ignored: {key}")
@@ -100,12 +112,13 @@ def _read_stem(st: _Stem, fmt: str, config: AdapterConfig | None, result: ReadRe
             magnitude=st.roles.get("dora_scale"),
             keys=sorted(st.keys[r] for r in taken),
         )
-        if config is not None and adapter.kind == "lora":
+        if config is not None and adapter.exact_lora:
             config.apply(module, st, result.conflicts)
         try:
             adapter.check()
-        except Exception as exc:  # a ShapeMismatch: keep the module out, say why
+        except ShapeMismatch as exc:  # keep the module out, say why
             result.warnings.append(f"{st.name}: {exc}")
+            result.rejected.append(f"{st.name}: {exc}")
             result.unknown_keys.extend(module.keys)
             return
         result.modules.append(module)
@@ -114,43 +127,7 @@ def _read_stem(st: _Stem, fmt: str, config: AdapterConfig | None, result: ReadRe
     result.unknown_keys.extend(st.keys.values())
 
 
-def _decide_format(stems: dict[str, _Stem]) -> str:
-    """The format most adapter stems are written in (special formats by their signature)."""
-    votes: Counter = Counter()
-    plain_full = 0
-    for st in stems.values():
-        adapter_roles = {r for r in st.roles if not r.startswith("plain_") and r != "unknown"}
-        if not adapter_roles:
-            plain_full += 1
-            continue
-        votes[_stem_format(st, adapter_roles)] += 1
-    if not votes:
-        return "unknown"
-    fmt = votes.most_common(1)[0][0]
-    if "onetrainer" in votes and set(votes) <= {"onetrainer", "kohya", "lycoris"}:
-        fmt = "onetrainer"  # OneTrainer writes its text encoders with kohya's lora_te1_/lora_te2_
-    if fmt in ("diffusers", "plain") and plain_full and any(
-            "double_blocks" in s.name and "lora_up_bias" in s.roles for s in stems.values()):
-        return "bfl_control"
-    return "diffusers" if fmt == "plain" else fmt
-
-
-def _stem_format(st: _Stem, roles: set[str]) -> str:
-    spelling = max(st.spellings, key=st.spellings.get) if st.spellings else "plain"  # the first of the most used
-    if spelling in ("xlabs", "cloneofsimo"):
-        return spelling
-    lycoris_algo = any(r.startswith(("hada_", "lokr_", "oft_", "glora_", "diff", "w_norm", "b_norm"))
-                       for r in roles) or "dora_scale" in roles
-    if st.naming == "kohya":
-        return "lycoris" if lycoris_algo else "kohya"
-    if st.naming in ("lycoris", "onetrainer", "peft", "comfy"):
-        return st.naming
-    if spelling == "legacy":
-        return "diffusers_legacy"
-    return "diffusers" if st.naming == "diffusers" else "plain"
-
-
-def _check_mixture(stems: dict[str, _Stem], result: ReadResult) -> None:
+def _check_mixture(stems: dict[str, Stem], result: ReadResult) -> None:
     # kohya and OneTrainer are both flattened namings; OneTrainer files use both prefixes.
     namings = Counter("kohya" if st.naming == "onetrainer" else st.naming
                       for st in stems.values() if st.naming != "plain" and st.spellings)
@@ -163,10 +140,13 @@ def _check_mixture(stems: dict[str, _Stem], result: ReadResult) -> None:
             f"{len(mixed)} kohya keys mix '_' and '.' in the module path (e.g. lora_unet_{mixed[0]})")
 
 
-def _not_a_lora(tensors: dict[str, TensorRef]) -> str:
+def _not_a_lora(tensors: dict[str, TensorRef], rejected: list[str]) -> str:
     keys = list(tensors)
     if not keys:
         return "not a LoRA: the file holds no tensors"
+    if rejected:
+        more = f" (and {len(rejected) - 1} more modules)" if len(rejected) > 1 else ""
+        return f"no usable module: {rejected[0]}{more}"
     broken = [k for k in keys if _MALFORMED_SUFFIX.search(k)]
     if broken:
         hint = ""

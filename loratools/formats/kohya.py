@@ -1,0 +1,83 @@
+"""kohya sd-scripts and the formats that share its flattened names: kohya itself (``lora_unet_…``, ``lora_te1_…``),
+LyCORIS (kohya names with LyCORIS algorithms, or ``lycoris_…``), OneTrainer (``lora_transformer_…``), and ComfyUI's
+dotted spelling of original names (``diffusion_model.…``: ai-toolkit, ComfyUI saves, musubi-tuner, diffusion-pipe).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loratools.formats.codec import Codec, Stem, WriteOptions
+from loratools.formats.writing import down_up_items
+from loratools.io.writer import write_safetensors
+
+
+class _DownUpWriter(Codec):
+    """Writes ``lora_down``/``lora_up``/``.alpha`` tensors under the codec's stems."""
+
+    writable = True
+
+    def write(self, mods, family, dest: Path, metadata: dict, options: WriteOptions) -> list[Path]:
+        items = down_up_items(mods, lambda om: self.stem(om, family), options.dtype)
+        write_safetensors(dest, list(items), metadata, overwrite=options.overwrite, sync=options.sync,
+                          group_copies=True)
+        return [dest]
+
+
+class Kohya(_DownUpWriter):
+    id = "kohya"
+    flat = True
+    suffix = ".kohya.safetensors"
+    prefixes = (("lora_unet_", "model"), ("lora_te1_", "te1"), ("lora_te2_", "te2"), ("lora_te3_", "te3"),
+                ("lora_te_", "te1"), ("lora_prior_unet_", "model"), ("lora_prior_te_", "te1"),
+                ("oft_unet_", "model"), ("oft_te1_", "te1"), ("oft_te2_", "te2"), ("oft_te_", "te1"))
+
+    def claims(self, st: Stem) -> bool:
+        return st.naming == "kohya" and not st.lycoris_algo and st.spelling not in ("xlabs", "cloneofsimo")
+
+    def model_naming(self, family) -> str:
+        return family.naming.kohya_model
+
+    def stem(self, om, family) -> str:
+        name = om.name.replace(".", "_")
+        if om.space == "model":
+            return "lora_unet_" + name
+        return f"lora_{family.encoder_slot(om.space, self.id)}_{name}"
+
+
+class Lycoris(Codec):
+    id = "lycoris"
+    flat = True
+    prefixes = (("lycoris_", "model"),)
+
+    def claims(self, st: Stem) -> bool:
+        return st.naming == "lycoris" or (st.naming == "kohya" and st.lycoris_algo)
+
+
+class OneTrainer(Codec):
+    """OneTrainer names the transformer ``lora_transformer_`` and its text encoders with kohya's prefixes."""
+
+    id = "onetrainer"
+    flat = True
+    prefixes = (("lora_transformer_", "model"),)
+
+    def score(self, stems) -> int:
+        if not any(st.naming == "onetrainer" for st in stems):
+            return 0
+        return sum(1 for st in stems if st.adapter_roles and st.naming in ("onetrainer", "kohya"))
+
+
+class Comfy(_DownUpWriter):
+    id = "comfy"
+    suffix = ".comfy.safetensors"
+    prefixes = (("model.diffusion_model.", "model"), ("diffusion_model.", "model"),
+                ("text_encoders.clip_l.transformer.", "te1"), ("text_encoders.clip_g.transformer.", "te2"),
+                ("text_encoders.t5xxl.transformer.", "te3"))
+
+    def model_naming(self, family) -> str:
+        return "native"
+
+    def stem(self, om, family) -> str:
+        if om.space == "model":
+            return "diffusion_model." + om.name
+        return f"text_encoders.{family.encoder_slot(om.space, self.id)}.transformer.{om.name}"
