@@ -1,7 +1,8 @@
-"""The canonical in-memory LoRA: every adapted base weight is one :class:`Module`.
+"""The canonical in-memory LoRA: every adapted base weight is one :class:`Module`; a LoRA planned for writing in
+some naming is a list of :class:`OutModule`.
 
 Formats are codecs at the edge (read -> canonical -> write); operations work on this model only.
-Tensors stay in their file (a :class:`TensorRef` into the mmap'd source) until an operation needs them.
+Tensors stay in their file (a :class:`TensorRef` into the source) until an operation needs them.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from __future__ import annotations
 import struct
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+from loratools.io.reader import DTYPE_SIZES
 
 if TYPE_CHECKING:  # pragma: no cover
     from loratools.adapters.base import Adapter
     from loratools.families import FamilyResult
+    from loratools.families.naming import Part
 
 
 class TensorRef(NamedTuple):
@@ -61,8 +65,8 @@ class Module:
 
     ``name`` is the module path as the file spells it, with the format's prefix removed (dotted, or
     kohya-flattened when the file is kohya: flattening cannot be undone without a family table).
-    ``target``/``slice`` name the base weight in the family's original naming once a family table has
-    resolved it.
+    ``target``/``part`` name the base weight in the family's original naming (and the row slice of a fused
+    weight) once a family table has resolved it.
     """
 
     name: str
@@ -73,7 +77,7 @@ class Module:
     rslora: bool = False
     keys: list[str] = field(default_factory=list)
     target: str | None = None
-    slice: tuple[int, int] | None = None
+    part: Part | None = None
     alpha_ref: TensorRef | None = None  # the stored tensor ``alpha`` was read from (so it holds that value)
 
     @property
@@ -88,6 +92,14 @@ class Module:
     @property
     def type(self) -> str:
         return self.adapter.kind
+
+    def delta(self, base=None, strength: float = 1.0):
+        """Dense ΔW of this module at ``strength``, scale included (float32 torch)."""
+        a = self.adapter
+        d = a.delta(base=base, alpha=self.alpha, strength=strength)
+        if d is None or a.strength_inside:
+            return d
+        return d * (self.scale * strength)
 
     @property
     def dora_axis(self) -> str | None:
@@ -139,6 +151,85 @@ class Lora:
         self.close()
 
 
+class Rows(NamedTuple):
+    """Rows [lo, hi) of a stored tensor (along its first dim), the two halves optionally swapped.
+
+    Renames and splits only move rows, so they are written as the stored bytes: no decoding, no torch.
+    """
+
+    ref: TensorRef
+    lo: int
+    hi: int
+    swap: bool = False
+
+    def _byte_span(self) -> tuple[int, int, int]:
+        """(first byte, last byte, bytes in the first half) of the rows within the stored tensor."""
+        ref = self.ref
+        row = ref.numel * DTYPE_SIZES[ref.dtype] // ref.shape[0] if ref.shape and ref.shape[0] else 0
+        return self.lo * row, self.hi * row, (self.hi - self.lo) // 2 * row
+
+    def spans(self):
+        """The rows as spans of their source file (the writer copies those file to file), or None when the
+        source is not a file."""
+        spans = getattr(self.ref.source, "spans", None)
+        if spans is None:
+            return None
+        lo, hi, half = self._byte_span()
+        parts = [(lo + half, hi), (lo, lo + half)] if self.swap else [(lo, hi)]
+        return spans(self.ref.key, parts)
+
+    def scaled(self, k: float):
+        """The rows times ``k``, in their stored dtype (one rounding; exact and torch-free for powers of two)."""
+        from loratools.io.arrays import scale_by_power_of_two
+
+        data = self.read()
+        if not isinstance(data, bytearray):  # a slice of the stored tensor: a copy we may change
+            data = bytearray(data)
+        if data and not scale_by_power_of_two(data, self.ref.dtype, k):
+            import torch
+
+            from loratools.io.reader import TORCH_DTYPES
+
+            t = torch.frombuffer(data, dtype=getattr(torch, TORCH_DTYPES[self.ref.dtype]))
+            t.copy_(t.double() * k)  # float64, so that the only rounding is the final one
+        return data
+
+    def read(self) -> bytes:
+        ref = self.ref
+        reader = getattr(ref.source, "read_bytes", None)
+        if reader is not None:
+            data = reader(ref.key)
+        else:  # an in-memory source
+            import torch
+
+            data = ref.torch().contiguous().view(torch.uint8).numpy().tobytes()
+        lo, hi, half = self._byte_span()
+        if lo == 0 and hi == len(data) and not self.swap:
+            return data  # the whole tensor: no copy
+        piece = bytes(memoryview(data)[lo:hi])
+        return piece[half:] + piece[:half] if self.swap else piece
+
+
+@dataclass
+class OutModule:
+    """One LoRA module to write: factors computed on demand (float32 torch), ΔW = scale · up @ down."""
+
+    space: str
+    native: str
+    name: str  # dotted module path in the target naming
+    factors: Callable[[], tuple]  # -> (up, down, mid or None)
+    rank: int
+    scale: float
+    dtype: str
+    magnitude: Callable | None = None  # DoRA magnitude, row-wise [out] or column-wise [1, in]
+    dora_axis: str | None = None
+    bias: Callable | None = None  # absolute bias delta [out]
+    sources: list[str] = field(default_factory=list)
+    shapes: tuple | None = None  # (up, down, mid or None) shapes, known before any tensor is read
+    raw: tuple | None = None  # (up, down, mid) as Rows when the factors are stored rows, unchanged
+    alpha_ref: TensorRef | None = None  # a stored tensor holding exactly scale * rank, to copy as it is
+
+
 class MemorySource:
     """Tensors computed in memory (by resize, merge, convert), readable like a file source."""
 
@@ -150,7 +241,7 @@ class MemorySource:
 
     def add(self, key: str, tensor) -> TensorRef:
         """Keep ``tensor`` (torch) under ``key`` and return a TensorRef to it."""
-        from loratools.io.safetensors import dtype_name
+        from loratools.io.reader import dtype_name
 
         t = tensor.detach().contiguous()
         self._tensors[key] = t

@@ -1,4 +1,4 @@
-"""The adapter base class: each adapter type owns a few key roles and computes its own ΔW."""
+"""The adapter base class: each adapter type owns its key suffixes and roles and computes its own ΔW."""
 
 from __future__ import annotations
 
@@ -11,18 +11,40 @@ if TYPE_CHECKING:  # pragma: no cover
 
 _REGISTRY: list[type[Adapter]] = []
 
+# Suffix spellings, for telling formats apart: kohya (lora_down/up, .alpha), peft (lora_A/B), lycoris (hada_, lokr_,
+# oft_, glora, diff...), plain (weight/bias/scale, which only a few formats use as adapter tensors).
+KOHYA, PEFT, LYCORIS, PLAIN = "kohya", "peft", "lycoris", "plain"
+
+# Suffixes that modify whatever adapter a module has rather than being one: alpha and the DoRA magnitude.
+MODIFIERS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("alpha",): ("alpha", KOHYA),
+    ("dora_scale",): ("dora_scale", KOHYA),
+    ("lora_magnitude_vector",): ("dora_scale", PEFT),
+    ("lora_magnitude_vector", "weight"): ("dora_scale", PEFT),
+}
+MODIFIER_ROLES = frozenset(role for role, _ in MODIFIERS.values())
+# Plain tensor suffixes, adapter tensors only inside some formats ((IA)³ weights, control-LoRA replacements).
+PLAIN_SUFFIXES: dict[tuple[str, ...], tuple[str, str]] = {
+    ("weight",): ("plain_weight", PLAIN), ("bias",): ("plain_bias", PLAIN), ("scale",): ("plain_scale", PLAIN),
+}
+
 
 class Adapter:
-    """One adapter type. Subclasses declare the roles that identify them and the optional extras.
+    """One adapter type. Subclasses declare their key suffixes, the roles that identify them and what they need.
 
-    ``detect`` lists alternative role sets; a stem whose roles include every role of one set belongs
-    to this adapter. ``optional`` roles are taken too when present.
+    ``suffixes`` maps a key's last dot-separated parts to ``(role, spelling)``. ``detect`` lists alternative role
+    sets; a module whose roles include every role of one set belongs to this adapter. ``optional`` roles are taken
+    too when present. ``needs_base``: ΔW depends on the base weight (IA3, OFT, GLoRA...). ``exact_lora``: the
+    module is a LoRA product as stored, so it converts between LoRA formats exactly.
     """
 
     kind: ClassVar[str]
     detect: ClassVar[tuple[frozenset[str], ...]]
+    suffixes: ClassVar[dict[tuple[str, ...], tuple[str, str]]] = {}
     optional: ClassVar[frozenset[str]] = frozenset()
-    needs_base: ClassVar[bool] = False  # ΔW depends on the base weight (IA3, OFT, GLoRA)
+    needs_base: ClassVar[bool] = False
+    exact_lora: ClassVar[bool] = False
+    strength_inside: ClassVar[bool] = False  # delta() applies the strength itself (it is not a linear factor)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -37,7 +59,7 @@ class Adapter:
 
     @classmethod
     def claim(cls, roles: set[str]) -> frozenset[str] | None:
-        """The roles this adapter takes from a stem, or None when the stem is not of this type."""
+        """The roles this adapter takes from a module's keys, or None when they are not of this type."""
         for needed in cls.detect:
             if needed <= roles:
                 return frozenset(roles & cls._owned)
@@ -77,8 +99,13 @@ class Adapter:
     def check(self) -> None:
         """Raise ShapeMismatch when the factors cannot belong together."""
 
-    def delta(self, base=None):
-        """Dense ΔW (float32 torch tensor, unscaled) — 2-D for linears, 4-D for convs when known."""
+    def low_rank(self):
+        """``(up, down)``, 2-D float32 with ΔW = up @ down (flattened), when the adapter is a low-rank product."""
+        return None
+
+    def delta(self, base=None, alpha: float | None = None, strength: float = 1.0):
+        """Dense ΔW (float32 torch tensor, unscaled) — 2-D for linears, 4-D for convs when known. ``alpha`` and
+        ``strength`` matter only to adapters that use them inside (OFT's constraint; ``strength_inside``)."""
         raise NotImplementedError
 
     def _mismatch(self, what: str) -> ShapeMismatch:
@@ -89,6 +116,15 @@ class Adapter:
 def registry() -> list[type[Adapter]]:
     """Adapter classes in detection order."""
     return list(_REGISTRY)
+
+
+def suffix_table() -> dict[tuple[str, ...], tuple[str, str]]:
+    """Every key suffix an adapter or modifier owns -> (role, spelling)."""
+    table = dict(MODIFIERS)
+    table.update(PLAIN_SUFFIXES)
+    for cls in _REGISTRY:
+        table.update(cls.suffixes)
+    return table
 
 
 def f32(ref):

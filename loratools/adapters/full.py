@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loratools.adapters.base import Adapter, f32
+from loratools.adapters.base import LYCORIS, Adapter, f32
 
 
 class Full(Adapter):
@@ -10,6 +10,7 @@ class Full(Adapter):
 
     kind = "full"
     detect = (frozenset({"diff"}), frozenset({"diff_b"}))
+    suffixes = {("diff",): ("diff", LYCORIS), ("diff_b",): ("diff_b", LYCORIS)}
 
     @property
     def out_dim(self) -> int | None:
@@ -21,7 +22,7 @@ class Full(Adapter):
         ref = self.tensors.get("diff")
         return ref.shape[1] if ref is not None and len(ref.shape) > 1 else None
 
-    def delta(self, base=None):
+    def delta(self, base=None, alpha=None, strength=1.0):
         return f32(self.t("diff")) if self.has("diff") else None
 
 
@@ -30,13 +31,14 @@ class Norm(Adapter):
 
     kind = "norm"
     detect = (frozenset({"w_norm"}), frozenset({"b_norm"}))
+    suffixes = {("w_norm",): ("w_norm", LYCORIS), ("b_norm",): ("b_norm", LYCORIS)}
 
     @property
     def out_dim(self) -> int | None:
         ref = self.tensors.get("w_norm") or self.tensors.get("b_norm")
         return ref.shape[0] if ref.shape else None
 
-    def delta(self, base=None):
+    def delta(self, base=None, alpha=None, strength=1.0):
         return f32(self.t("w_norm")) if self.has("w_norm") else None
 
 
@@ -47,6 +49,8 @@ class Replace(Adapter):
     detect = (frozenset({"set_weight"}), frozenset({"plain_scale"}), frozenset({"plain_weight"}),
               frozenset({"plain_bias"}))
     optional = frozenset({"reshape_weight", "plain_weight", "plain_bias", "plain_scale"})
+    suffixes = {("set_weight",): ("set_weight", LYCORIS), ("reshape_weight",): ("reshape_weight", LYCORIS)}
+    needs_base = True
 
     @property
     def out_dim(self) -> int | None:
@@ -55,7 +59,7 @@ class Replace(Adapter):
                 return ref.shape[0]
         return None
 
-    def delta(self, base=None):
+    def delta(self, base=None, alpha=None, strength=1.0):
         if base is None:
             raise ValueError("a replacement needs the base weight")
         ref = self.tensors.get("set_weight") or self.tensors.get("plain_weight") or self.tensors.get("plain_scale")

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from loratools.adapters.base import Adapter, f32
+from loratools.adapters.base import LYCORIS, Adapter, f32
 
 
 class GLoRA(Adapter):
     kind = "glora"
     detect = (frozenset({"glora_a1", "glora_a2", "glora_b1", "glora_b2"}),)
     optional = frozenset({"glora_bm"})
+    suffixes = {(n, "weight"): (f"glora_{n}", LYCORIS) for n in ("a1", "a2", "b1", "b2", "bm")}
     needs_base = True
 
     @property
@@ -24,7 +25,7 @@ class GLoRA(Adapter):
         r = self.rank
         return 1.0 if alpha is None or r == 0 else alpha / r
 
-    def delta(self, base=None):
+    def delta(self, base=None, alpha=None, strength=1.0):
         if base is None:
             raise ValueError("GLoRA needs the base weight")
         a1, a2, b1, b2 = (f32(self.t(f"glora_{n}")) for n in ("a1", "a2", "b1", "b2"))

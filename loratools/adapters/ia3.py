@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from loratools.adapters.base import Adapter, f32
+from loratools.adapters.base import LYCORIS, Adapter, f32
 
 
 class IA3(Adapter):
     kind = "ia3"
     detect = (frozenset({"plain_weight", "on_input"}),)
     needs_base = True
+    suffixes = {("on_input",): ("on_input", LYCORIS)}  # plus the plain "weight"
 
     @property
     def on_input(self) -> bool:
@@ -22,7 +23,7 @@ class IA3(Adapter):
     def in_dim(self) -> int | None:
         return self.t("plain_weight").shape[0] if self.on_input else None
 
-    def delta(self, base=None):
+    def delta(self, base=None, alpha=None, strength=1.0):
         if base is None:
             raise ValueError("(IA)3 needs the base weight")
         w = f32(self.t("plain_weight"))

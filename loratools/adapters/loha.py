@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from loratools.adapters.base import Adapter, f32
+from loratools.adapters.base import LYCORIS, Adapter, f32
 
 
 class LoHa(Adapter):
     kind = "loha"
     detect = (frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),)
     optional = frozenset({"hada_t1", "hada_t2"})
+    suffixes = {(r,): (r, LYCORIS) for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")}
 
     @property
     def tucker(self) -> bool:
@@ -43,7 +44,7 @@ class LoHa(Adapter):
             return torch.einsum("ijkl,jr,ip->prkl", t, b, a)
         return a @ b
 
-    def delta(self, base=None):
+    def delta(self, base=None, alpha=None, strength=1.0):
         d = self._factor(1) * self._factor(2)
         if base is not None and d.shape != tuple(base.shape):
             d = d.reshape(base.shape)

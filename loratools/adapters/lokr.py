@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loratools.adapters.base import Adapter, f32
+from loratools.adapters.base import LYCORIS, Adapter, f32
 
 
 class LoKr(Adapter):
@@ -14,6 +14,8 @@ class LoKr(Adapter):
         frozenset({"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}),
     )
     optional = frozenset({"lokr_t2"})
+    suffixes = {(r,): (r, LYCORIS) for r in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
+                                             "lokr_t2")}
 
     def _w1_shape(self) -> tuple[int, int]:
         if self.has("lokr_w1"):
@@ -58,12 +60,14 @@ class LoKr(Adapter):
             return 1.0  # both factors full: alpha is ignored
         return alpha / r
 
-    def _w1(self):
+    def w1(self):
+        """The first Kronecker factor, float32 (a product when stored low-rank)."""
         if self.has("lokr_w1"):
             return f32(self.t("lokr_w1"))
         return f32(self.t("lokr_w1_a")) @ f32(self.t("lokr_w1_b"))
 
-    def _w2(self):
+    def w2(self):
+        """The second Kronecker factor, float32 (2-D, or 4-D for a conv)."""
         import torch
 
         if self.has("lokr_w2"):
@@ -73,10 +77,10 @@ class LoKr(Adapter):
             return torch.einsum("ijkl,jr,ip->prkl", f32(self.t("lokr_t2")), b, a)
         return a @ b
 
-    def delta(self, base=None):
+    def delta(self, base=None, alpha=None, strength=1.0):
         import torch
 
-        w1, w2 = self._w1(), self._w2()
+        w1, w2 = self.w1(), self.w2()
         if w2.dim() == 4:
             w1 = w1[:, :, None, None]
         d = torch.kron(w1, w2)

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-from loratools.adapters.base import Adapter, f32
+from loratools.adapters.base import KOHYA, PEFT, Adapter, f32
 
 
 class LoRA(Adapter):
     kind = "lora"
     detect = (frozenset({"lora_down", "lora_up"}),)
     optional = frozenset({"lora_mid", "lora_up_bias", "diff_b"})
+    exact_lora = True
+    suffixes = {
+        ("lora_down", "weight"): ("lora_down", KOHYA), ("lora_up", "weight"): ("lora_up", KOHYA),
+        ("lora_mid", "weight"): ("lora_mid", KOHYA),
+        ("lora_A", "weight"): ("lora_down", PEFT), ("lora_B", "weight"): ("lora_up", PEFT),
+        ("lora_B", "bias"): ("lora_up_bias", PEFT),
+        ("lora_A",): ("lora_down", PEFT), ("lora_B",): ("lora_up", PEFT),  # Mochi's trainer omits ".weight"
+    }
 
     @property
     def down(self):
@@ -64,14 +72,19 @@ class LoRA(Adapter):
         if len(up) > 2 and any(d != 1 for d in up[2:]):
             raise self._mismatch("a conv up factor must be 1x1")
 
-    def delta(self, base=None):
+    def low_rank(self):
+        """(up [out, r], down [r, in·k·k]) in float32; a Tucker mid is folded into down (exact, rank r_up)."""
         import torch
 
-        up, down = f32(self.up), f32(self.down)
+        up, down = f32(self.up).flatten(1), f32(self.down)
         if self.has("lora_mid"):
-            mid = f32(self.t("lora_mid"))
-            return torch.einsum("mnkl,om,ni->oikl", mid, up.flatten(1), down.flatten(1))
-        d = up.flatten(1) @ down.flatten(1)
-        if down.dim() > 2:
-            d = d.reshape(up.shape[0], *down.shape[1:])
+            down = torch.einsum("mnkl,ni->mikl", f32(self.t("lora_mid")), down.flatten(1))
+        return up, down.flatten(1)
+
+    def delta(self, base=None, alpha=None, strength=1.0):
+        up, down = self.low_rank()
+        d = up @ down
+        kernel = self.kernel
+        if kernel is not None:
+            d = d.reshape(up.shape[0], self.down.shape[1], *kernel)
         return d
