@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, compile_bytecode, in_child, run, table, write_sdxl_kohya
 
-from loratools.io.safetensors import write_safetensors
+from loratools.io.writer import write_safetensors
 
 LAYOUT = ROOT / "fixtures" / "checkpoints" / "sdxl__sgm__sdmecha.json"
 

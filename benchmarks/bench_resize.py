@@ -58,7 +58,8 @@ def write_output(lora, path: Path) -> None:
     if hasattr(loratools.api, "save"):
         loratools.api.save(lora, path, to="kohya")
         return
-    from loratools.io.safetensors import dtype_name, write_safetensors
+    from loratools.io.reader import dtype_name
+    from loratools.io.writer import write_safetensors
 
     items = []
     for m in lora.modules:
@@ -173,7 +174,7 @@ def extrapolate(per_stem: dict[str, float], modules: list[tuple[str, list[int]]]
 
 def our_sigmas(path: Path, names: list[str]) -> dict[str, list[float]]:
     """Singular values of the written modules' up @ down (float64, factor space)."""
-    from loratools.io.safetensors import SafetensorsFile
+    from loratools.io.reader import SafetensorsFile
     from loratools.ops.lowrank import factor_svd
 
     out = {}

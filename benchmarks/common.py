@@ -16,7 +16,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loratools.io.safetensors import write_safetensors  # noqa: E402
+from loratools.io.writer import write_safetensors  # noqa: E402
 
 KEYSPACE = ROOT / "fixtures" / "layouts" / "sdxl__kohya_keyspace__sdmecha.json"
 # The modules sd-scripts' networks.lora trains on SDXL: transformer linears and both text encoders.

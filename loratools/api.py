@@ -89,20 +89,16 @@ def _family(lora: Lora, override: str | None):
     from loratools.families import FamilyResult, get_family
 
     if override == "unknown":
-        return FamilyResult(id="unknown", variant=None, confidence=0.0, evidence=[], mismatches=[],
-                            alternatives=[], metadata_claims=[], reason="not detected", model_component="model")
+        return FamilyResult(id="unknown", reason="not detected")
     if override:
         fam = get_family(override)
-        return FamilyResult(id=fam.id, variant=None, confidence=1.0,
-                            evidence=["given with --family"], mismatches=[], alternatives=[],
-                            metadata_claims=[], reason=None,
-                            model_component=fam.model_component)
+        return FamilyResult(id=fam.id, confidence=1.0, evidence=["given with --family"],
+                            model_component=fam.model_component, given=True)
     if lora.format == "cloneofsimo":  # positional keys: no names to match, the encoder width tells
-        from loratools.formats.cloneofsimo import family_evidence
+        from loratools.formats.special import cloneofsimo_family
 
-        fid, why = family_evidence(lora.modules)
-        return FamilyResult(id=fid or "unknown", variant=None, confidence=0.8 if fid else 0.0,
-                            evidence=why if fid else [], mismatches=[], alternatives=[], metadata_claims=[],
+        fid, why = cloneofsimo_family(lora.modules)
+        return FamilyResult(id=fid or "unknown", confidence=0.8 if fid else 0.0, evidence=why if fid else [],
                             reason=None if fid else why[0], model_component="unet")
     evidence = [ModuleEvidence(m.component, m.name, m.adapter.in_dim, m.adapter.out_dim) for m in lora.modules]
     return detect_family(evidence, lora.metadata)
@@ -147,7 +143,7 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, stats: bool = Fals
 
 def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None = None, *, family: str | None = None,
             dtype: str | None = None, overwrite: bool = False, allow_pickle: bool = False, many: bool = False,
-            lossy_rank: int | None = None, device: str = "auto"):
+            lossy_rank: int | None = None, device: str = "auto", sync: bool = False):
     """Rewrite one LoRA in another naming (``kohya``, ``diffusers``, ``peft``, ``comfy``) with the same effect.
 
     Returns a ``ConvertResult``; nothing is written when it raises. ``output`` follows the CLI's ``-o``
@@ -167,7 +163,7 @@ def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None =
             from loratools.ops.resize import to_lora
 
             lora, notes = to_lora(lora, lossy_rank, device)
-        result = convert_lora(lora, to, dest, family=family, dtype=_dtype(dtype), overwrite=overwrite)
+        result = convert_lora(lora, to, dest, family=family, dtype=_dtype(dtype), overwrite=overwrite, sync=sync)
         result.warnings += notes
         return result
 
@@ -187,7 +183,7 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, *, rtol: float = 1e-5, fa
 
 
 def save(lora: Lora, path: str | os.PathLike, *, to: str | None = None, family: str | None = None,
-         dtype: str | None = None, overwrite: bool = False, operation: str = "save"):
+         dtype: str | None = None, overwrite: bool = False, operation: str = "save", sync: bool = False):
     """Write a LoRA (e.g. the result of ``resize`` or ``merge``) in format ``to`` (default: its own).
 
     Example:
@@ -200,7 +196,7 @@ def save(lora: Lora, path: str | os.PathLike, *, to: str | None = None, family: 
 
     target = to or SAME_FORMAT.get(lora.format, "kohya")
     return convert_lora(lora, target, Path(path), family=family, dtype=_dtype(dtype), overwrite=overwrite,
-                        operation=operation)
+                        operation=operation, sync=sync)
 
 
 _DTYPES = {"keep": None, None: None, "fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16",
@@ -243,7 +239,7 @@ def _sha256(path: str) -> str | None:
 
 def bake(base: str | os.PathLike, loras, output: str | os.PathLike, *, dtype: str | None = None,
          device: str = "auto", allow_unmatched: bool = False, overwrite: bool = False, family: str | None = None,
-         allow_pickle: bool = False):
+         allow_pickle: bool = False, sync: bool = False):
     """Write ``base`` with LoRAs merged in: W' = W + Σ strength·s·ΔW for every adapted weight.
 
     ``loras`` is a list of paths, ``(path, strength)`` pairs or ``"path:strength"`` strings. ``base`` is a
@@ -259,26 +255,28 @@ def bake(base: str | os.PathLike, loras, output: str | os.PathLike, *, dtype: st
 
     from loratools.io.checkpoints import open_base
     from loratools.ops.bake import bake_loras
+    from loratools.ops.placement import base_family
 
     specs = [_lora_spec(s) for s in ([loras] if isinstance(loras, (str, os.PathLike)) else loras)]
     with ExitStack() as stack:
         base_model = stack.enter_context(open_base(base))
+        told = base_family(base_model)
         items, provenance = [], []
         for path, strength in specs:
             lora = stack.enter_context(load(path, allow_pickle=allow_pickle, family=family))
-            items.append((lora, strength, _bake_family(lora, family, base_model)))
+            items.append((lora, strength, _bake_family(lora, family, told, base_model.path)))
             provenance.append({"file": os.path.basename(os.path.normpath(path)), "sha256": _sha256(path),
                                "strength": strength})
         dest = os.fspath(output)
         if not base_model.is_folder and (dest.endswith(("/", os.sep)) or os.path.isdir(dest)):
             dest = os.path.join(dest, os.path.basename(base_model.path))  # -o names a folder: keep the base's name
         return bake_loras(base_model, items, dest, dtype=_dtype(dtype), device=device,
-                          allow_unmatched=allow_unmatched, overwrite=overwrite, provenance=provenance)
+                          allow_unmatched=allow_unmatched, overwrite=overwrite, provenance=provenance, sync=sync)
 
 
 def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.PathLike, *, rank: int | None = None,
             dynamic=None, conv_rank: int | None = None, text_encoders: bool = False, to: str = "kohya",
-            device: str = "auto", family: str | None = None, overwrite: bool = False):
+            device: str = "auto", family: str | None = None, overwrite: bool = False, sync: bool = False):
     """Extract a LoRA from two checkpoints of the same family (ΔW = tuned − base, per module by SVD).
 
     Give ``rank`` (kept terms per module; with ``dynamic`` it caps the rule) or ``dynamic``
@@ -296,27 +294,42 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
     from loratools.errors import UnknownFamily
     from loratools.io.checkpoints import open_base
     from loratools.ops.extract import extract_lora
+    from loratools.ops.placement import base_family
 
     with open_base(base) as b, open_base(tuned) as t:
-        fid = family or b.family_guess()
+        fid, fits, _ = (family, [], "") if family else base_family(b)
         if fid is None:
-            raise UnknownFamily("cannot tell the base-model family from the checkpoint's keys; pass --family", base)
+            which = f" (it fits {', '.join(fits)})" if fits else ""
+            raise UnknownFamily(f"cannot tell the base-model family from the checkpoint{which}; pass --family", base)
         return extract_lora(b, t, Path(output), family=fid, to=to, rank=rank, dynamic=dynamic, conv_rank=conv_rank,
-                            text_encoders=text_encoders, device=device, overwrite=overwrite)
+                            text_encoders=text_encoders, device=device, overwrite=overwrite, sync=sync)
 
 
-def _bake_family(lora: Lora, family: str | None, base) -> str:
-    """The LoRA's family: given, detected, or else what the base checkpoint's keys say."""
+def _bake_family(lora: Lora, family: str | None, told: tuple, base_path: str):
+    """The family to bake ``lora`` as: given with --family, else the base's, checked against the LoRA's evidence;
+    else the LoRA's own decided family."""
     from loratools.errors import UnknownFamily
+    from loratools.families import get_family
     from loratools.ops.convert import family_of
 
+    if family:
+        return get_family(family)
+    base_fid, fits, how = told
+    found = lora.family
+    if base_fid is not None:
+        if found is not None and found.decided and found.id != base_fid:
+            raise UnknownFamily(f"the LoRA is {found.id} but the base is {base_fid} (told by {how}); pass --family "
+                                "to bake it anyway", lora.path)
+        if found is not None and not found.decided and found.candidates and base_fid not in found.candidates:
+            raise UnknownFamily(f"the base is {base_fid} (told by {how}) but the LoRA fits only "
+                                f"{', '.join(found.candidates)}", lora.path)
+        return get_family(base_fid)
     try:
-        return family_of(lora, family)
-    except UnknownFamily:
-        guess = base.family_guess()
-        if guess is None:
-            raise
-        return guess
+        return get_family(family_of(lora, None))
+    except UnknownFamily as exc:
+        which = f"; it fits {', '.join(fits)}" if fits else ""
+        raise UnknownFamily(f"{exc.message}, and the base does not say which family it is{which}",
+                            lora.path) from None
 
 
 def _as_lora(item, allow_pickle: bool = False, family: str | None = None) -> Lora:
@@ -364,11 +377,12 @@ def merge(items, *, method: str = "concat", rank: int | None = None, dynamic: st
 def _canonical_targets(lora: Lora) -> None:
     """Give each module its canonical target (native path + part), so inputs in different namings meet."""
     from loratools.errors import LoraToolsError
-    from loratools.families.naming import naming_table
+    from loratools.families import get_family
     from loratools.ops.canonical import canonicalize
 
-    fid = lora.family.id if lora.family else "unknown"
+    if lora.family is None or not lora.family.decided:
+        return  # modules match by (component, name)
     try:
-        canonicalize(lora, naming_table(fid), lora_only=False)
+        canonicalize(lora, get_family(lora.family.id), lora_only=False)
     except LoraToolsError:
         pass  # no table for the family, or names outside it: modules match by (component, name)

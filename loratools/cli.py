@@ -32,11 +32,7 @@ def _fail(exc: LoraToolsError, debug: bool) -> None:
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, sync: bool) -> None:
     """Inspect, convert, merge, resize and bake LoRA files of image and video models."""
-    ctx.obj = {"debug": debug}
-    if sync:
-        from loratools.io import safetensors
-
-        safetensors.SYNC_NEW_FILES = True
+    ctx.obj = {"debug": debug, "sync": sync}
 
 
 @cli.command()

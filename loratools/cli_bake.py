@@ -7,6 +7,8 @@ from dataclasses import asdict
 
 import click
 
+from loratools.cli_ops import sync_requested
+
 DTYPES = click.Choice(["keep", "fp16", "bf16", "fp32"])
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
@@ -54,7 +56,7 @@ def bake(base, loras, output, dtype, device, family, allow_unmatched, overwrite,
     from loratools import api
 
     r = api.bake(base, list(loras), output, dtype=dtype, device=device, allow_unmatched=allow_unmatched,
-                 overwrite=overwrite, family=family, allow_pickle=allow_pickle)
+                 overwrite=overwrite, family=family, allow_pickle=allow_pickle, sync=sync_requested())
     _warn(r.warnings + [f"skipped (no weight in the base): {u}" for u in r.unmatched])
     if as_json:
         click.echo(json.dumps(asdict(r), indent=2))
@@ -104,7 +106,8 @@ def extract(base, tuned, output, rank, dynamic, conv_rank, text_encoders, to, de
     from loratools import api
 
     r = api.extract(base, tuned, output, rank=rank, dynamic=dynamic, conv_rank=conv_rank,
-                    text_encoders=text_encoders, to=to, device=device, family=family, overwrite=overwrite)
+                    text_encoders=text_encoders, to=to, device=device, family=family, overwrite=overwrite,
+                    sync=sync_requested())
     _warn([f"skipped {s}" for s in r.skipped])
     if as_json:
         click.echo(json.dumps(asdict(r), indent=2))

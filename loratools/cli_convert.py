@@ -8,6 +8,8 @@ from dataclasses import asdict
 
 import click
 
+from loratools.cli_ops import sync_requested
+
 from loratools.errors import LoraToolsError
 
 FORMATS = click.Choice(["kohya", "diffusers", "peft", "comfy"])
@@ -17,10 +19,10 @@ def _one(args: tuple) -> dict:
     """Convert one path (runs in a worker process with --jobs)."""
     from loratools import api
 
-    path, to, output, family, dtype, overwrite, allow_pickle, many, lossy_rank = args
+    path, to, output, family, dtype, overwrite, allow_pickle, many, lossy_rank, sync = args
     try:
         r = api.convert(path, to, output, family=family, dtype=dtype, overwrite=overwrite,
-                        allow_pickle=allow_pickle, many=many, lossy_rank=lossy_rank)
+                        allow_pickle=allow_pickle, many=many, lossy_rank=lossy_rank, sync=sync)
         return {"ok": True, **asdict(r)}
     except LoraToolsError as exc:
         return {"ok": False, "path": path, "error": exc.message}
@@ -58,7 +60,7 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
 
     files = expand_paths(paths)
     many = len(files) > 1
-    work = [(f, to, output, family, dtype, overwrite, allow_pickle, many, lossy_rank) for f in files]
+    work = [(f, to, output, family, dtype, overwrite, allow_pickle, many, lossy_rank, sync_requested()) for f in files]
     results = _run(work, jobs, show=not as_json and sys.stderr.isatty())
     failed = [r for r in results if not r["ok"]]
     for r in failed:

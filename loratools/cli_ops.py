@@ -13,6 +13,12 @@ TARGETS = click.Choice(["kohya", "diffusers", "peft", "comfy"])
 DEVICES = click.Choice(["auto", "cpu", "cuda"])
 
 
+def sync_requested() -> bool:
+    """Whether ``loratools --sync`` asked to flush new files to disk."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and (ctx.find_root().obj or {}).get("sync"))
+
+
 def _rank_options(f):
     for opt in reversed([
         click.option("--rank", type=int, default=None, help="Keep this many singular values per module."),
@@ -38,7 +44,7 @@ def _finish(result, report: dict, output: str, to, family, dtype, overwrite, as_
     from loratools import api
 
     saved = api.save(result, output, to=to, family=family, dtype=None if dtype == "keep" else dtype,
-                     overwrite=overwrite, operation=operation)
+                     overwrite=overwrite, operation=operation, sync=sync_requested())
     report["output"] = saved.output
     report["format"] = saved.target
     if as_json:

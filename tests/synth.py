@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from loratools.formats.keys import parse_key
-from loratools.io.safetensors import numpy_to_bf16_bytes, write_safetensors
+from loratools.io.arrays import numpy_to_bf16_bytes
+from loratools.io.writer import write_safetensors
 
 LAYOUTS = Path(__file__).resolve().parents[1] / "fixtures" / "layouts"
 # Key spaces (module weight shapes) used to fill in shapes a keys-only layout leaves out.

@@ -21,7 +21,8 @@ from click.testing import CliRunner
 import loratools
 from loratools.cli import cli
 from loratools.errors import FormatError, LoraToolsError, ShapeMismatch, UsageError
-from loratools.io.safetensors import read_header, write_safetensors
+from loratools.io.reader import read_header
+from loratools.io.writer import write_safetensors
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
 SGM = "model.diffusion_model."
@@ -228,32 +229,6 @@ def test_row_blocks_give_the_whole_tensor_result(tmp_path, monkeypatch):
         assert torch.equal(kept[key], outs[1][key].to(torch.bfloat16)), key
 
 
-def test_buffers_in_memory_files_or_not_give_the_same_file(tmp_path, monkeypatch):
-    """Where memory files are missing (not Linux) or refused (a file-size limit applies to them too), the
-    pipeline reads into plain buffers and the writer writes from memory: the file is the same, byte for byte."""
-    from loratools.io.checkpoints import MemoryFile
-
-    h = 64
-    _flux_base(tmp_path, h)
-    up, down = pair(4 * h, h, seed=3)
-    stem = "transformer.single_transformer_blocks.0.proj_mlp"
-    path = write_lora(tmp_path / "l.safetensors", {f"{stem}.lora_A.weight": down, f"{stem}.lora_B.weight": up})
-    loratools.bake(tmp_path / "flux.safetensors", [path], tmp_path / "a.safetensors", family="flux1")
-    monkeypatch.setattr(MemoryFile, "available", False)
-    loratools.bake(tmp_path / "flux.safetensors", [path], tmp_path / "b.safetensors", family="flux1")
-    monkeypatch.setattr(MemoryFile, "available", True)
-
-    def refuse(*_args):
-        raise OSError(errno.EFBIG, "File too large")
-
-    monkeypatch.setattr(MemoryFile, "__init__", refuse)
-    loratools.bake(tmp_path / "flux.safetensors", [path], tmp_path / "c.safetensors", family="flux1")
-    a = (tmp_path / "a.safetensors").read_bytes()
-    assert a == (tmp_path / "b.safetensors").read_bytes() == (tmp_path / "c.safetensors").read_bytes()
-    base, baked = load(tmp_path / "flux.safetensors"), load(tmp_path / "a.safetensors")
-    assert not torch.equal(baked["single_blocks.0.linear1.weight"], base["single_blocks.0.linear1.weight"])
-
-
 def test_pipeline_recycles_read_buffers_but_never_under_a_live_result(tmp_path):
     """A transform may return its input or overwrite it (the result lives in the read buffer): that buffer is
     not reused before the caller asks for the next result, however far the reader runs ahead. Buffers of
@@ -261,8 +236,8 @@ def test_pipeline_recycles_read_buffers_but_never_under_a_live_result(tmp_path):
     import threading
     import time
 
-    from loratools.io.checkpoints import MemoryFile, Pipeline
-    from loratools.io.safetensors import FdBytes, SafetensorsFile
+    from loratools.io.reader import SafetensorsFile
+    from loratools.ops.pipeline import Pipeline
     from loratools.ops.threads import compute_threads
 
     g = torch.Generator().manual_seed(5)
@@ -289,20 +264,15 @@ def test_pipeline_recycles_read_buffers_but_never_under_a_live_result(tmp_path):
     with compute_threads(), Pipeline(torch.device("cpu")) as pipe:
         assert torch.get_num_threads() == max(1, len(os.sched_getaffinity(0)) - 1)
         pipe.start(sf, jobs)
-        sent = 0
         for i, (k, t) in enumerate(tensors.items()):
-            got = pipe.next()  # what the writer gets: the bytes in a memory file, or the tensor
+            got = pipe.next()
             time.sleep(0.02)  # the reader fills every free buffer meanwhile
             want = {"view": t[1:], "in place": t * 2, "new": t * 3}[kinds[i % 3]]
-            if isinstance(got, FdBytes):
-                got, sent = torch.frombuffer(bytearray(os.pread(got.fd, got.nbytes, got.offset)),
-                                             dtype=torch.float32).reshape(want.shape), sent + 1
             assert torch.equal(got, want), k
         reused = pipe.free.qsize()
     sf.close()
     assert torch.get_num_threads() == before
     assert reused >= 2  # the last result's buffer is still lent, the others came back
-    assert sent == (8 if MemoryFile.available else 0)  # views and in-place results are sent from the file
     assert len(ready_in) == 4 and all("_read" in name for name in ready_in)
 
 

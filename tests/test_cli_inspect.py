@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from synth import synthesize
 
 from loratools.cli import cli
-from loratools.io.safetensors import write_safetensors
+from loratools.io.writer import write_safetensors
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "fixtures", "examples", "sdxl_slider_kohya.safetensors")
 

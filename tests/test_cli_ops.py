@@ -34,10 +34,10 @@ def sdxl(tmp_path_factory):
 
 def _dense(lora, names=None):
     """Canonical target -> s·ΔW (float64) for a sample of modules, whatever each file calls them."""
-    from loratools.families.naming import naming_table
+    from loratools.families import get_family
     from loratools.ops.canonical import canonicalize
 
-    pairs = canonicalize(lora, naming_table(lora.family.id))
+    pairs = canonicalize(lora, get_family(lora.family.id))
     chosen = names if names is not None else sorted(c.native for _, c in pairs)[::14]  # 20 of 280
     return {c.native: m.adapter.delta().double() * m.scale for m, c in pairs if c.native in chosen}
 
@@ -143,12 +143,11 @@ def test_interrupted_command_exits_2_without_output(sdxl, tmp_path, monkeypatch,
 
 
 def test_sync_flag_flushes_new_outputs(sdxl, tmp_path, monkeypatch):
-    from loratools.io import safetensors
+    from loratools.io import atomic
 
     synced = []
     real = os.fsync
-    monkeypatch.setattr(safetensors.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
-    monkeypatch.setattr(safetensors, "SYNC_NEW_FILES", False)  # restored after the test, whatever --sync sets
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (synced.append(fd), real(fd)))
     assert cli_run("convert", sdxl, "--to", "comfy", "-o", tmp_path / "a.safetensors").exit_code == 0
     assert synced == []
     res = cli_run("--sync", "convert", sdxl, "--to", "comfy", "-o", tmp_path / "b.safetensors")

@@ -15,7 +15,8 @@ from synth import layout, lora_layouts, synthesize, write_peft_folder
 import loratools
 from loratools.cli import cli
 from loratools.errors import FormatError, LoraToolsError, UnknownFamily
-from loratools.io.safetensors import SafetensorsFile, write_safetensors
+from loratools.io.reader import SafetensorsFile
+from loratools.io.writer import write_safetensors
 
 TARGETS = ("kohya", "diffusers", "peft", "comfy")
 CONVERTIBLE = ("sd15", "sd2", "sdxl", "flux1")  # layout families with naming tables and shapes
@@ -239,11 +240,11 @@ def test_existing_output_is_refused_and_overwrite_replaces(tmp_path, f32_layout)
 
 
 def test_interrupted_conversion_leaves_nothing(tmp_path, f32_layout, monkeypatch):
-    from loratools.io import safetensors
+    from loratools.io import writer
 
     src = f32_layout("flux1__kohya__invokeai-pokemon.json")
     calls = {"n": 0}
-    real = safetensors._Output.write
+    real = writer._Output.write
 
     def flaky(self, data):
         calls["n"] += 1
@@ -251,7 +252,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, f32_layout, monkeypatch
             raise KeyboardInterrupt
         return real(self, data)
 
-    monkeypatch.setattr(safetensors._Output, "write", flaky)
+    monkeypatch.setattr(writer._Output, "write", flaky)
     for target in ("diffusers", "kohya"):
         calls["n"] = 0
         with pytest.raises(KeyboardInterrupt):

@@ -3,6 +3,8 @@
 import math
 
 import pytest
+
+from loratools.families.naming import Part
 import torch
 
 import loratools
@@ -289,14 +291,14 @@ def test_bad_options(kwargs, message):
 def test_output_is_a_normal_lora_with_a_report():
     a = rand_lora(40, 30, 16, name="a", component="te1", alpha=8.0, dtype=torch.float16)
     b = rand_lora(40, 30, 2, name="b", seed=1)
-    a.target, a.slice = "model.x.weight", (0, 40)
+    a.target, a.part = "model.x.weight", Part(0, (1, 1))
     src = lora_of(a, b, metadata={"ss_network_dim": "16", "sshs_model_hash": "abc"})
     out, report = resize(src, rank=4)
     assert isinstance(out, Lora) and out.format == "kohya" and out.family.id == "sdxl"
     assert out.metadata == {"ss_network_dim": "16"}
     assert report["warnings"] == ["dropped stale metadata hashes: sshs_model_hash"]
     new = out.modules[0]
-    assert (new.name, new.component, new.target, new.slice, new.keys) == ("a", "te1", "model.x.weight", (0, 40), [])
+    assert (new.name, new.component, new.target, new.part, new.keys) == ("a", "te1", "model.x.weight", Part(0, (1, 1)), [])
     assert isinstance(new.adapter.up.source, MemorySource)
     s = report["summary"]
     assert s["modules"] == 2 and s["actions"] == {"truncated": 1, "copied": 1}

@@ -14,18 +14,20 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 from loratools.errors import FormatError, LoraToolsError, ShapeMismatch, UsageError
-from loratools.families.naming import naming_table
-from loratools.io.checkpoints import Base, Pipeline, Placement, peak_rss_mb, rewrite_index
+from loratools.families import Family
+from loratools.io.checkpoints import Base, rewrite_index
+from loratools.io.reader import DTYPE_SIZES, TORCH_DTYPES
 from loratools.model import Lora, Module
-from loratools.ops.canonical import _bounds, _swap, canonicalize
-from loratools.ops.threads import compute_threads
+from loratools.ops.canonical import canonicalize, swap_halves
+from loratools.ops.pipeline import Pipeline
+from loratools.ops.placement import Placement, base_family, locate
+from loratools.ops.threads import compute_threads, peak_rss_mb
 
 _FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
 _FP8 = {"F8_E4M3", "F8_E5M2"}
@@ -59,48 +61,49 @@ class BakeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def resolve_modules(lora: Lora, table, allow_unmatched: bool):
+def resolve_modules(lora: Lora, family: Family, allow_unmatched: bool):
     """(canonical pairs, names the family tables lack); the lack is an error unless allowed."""
     try:
-        return canonicalize(lora, table, lora_only=False), []
+        return canonicalize(lora, family, lora_only=False), []
     except FormatError:
         if not allow_unmatched:
             raise
     pairs, missing = [], []
     for m in lora.modules:  # one at a time, to keep the modules that do resolve
         try:
-            pairs += canonicalize(replace(lora, modules=[m]), table, lora_only=False)
+            pairs += canonicalize(replace(lora, modules=[m]), family, lora_only=False)
         except FormatError:
             missing.append(f"{m.component}:{m.name}")
     return pairs, missing
 
 
-def _needs_swap(table, canon, where: Placement, m: Module) -> bool:
+def _needs_swap(family: Family, canon, where: Placement, m: Module) -> bool:
     if canon.space != "model":
         return False
-    rule = table.rule("model", canon.native)
-    if not rule.swap_halves or canon.naming == where.naming:
-        return False
-    out_dim, in_dim = m.adapter.out_dim or 0, m.adapter.in_dim or 0
-    return rule.swap_halves == "always" or out_dim == 2 * in_dim
+    rule = family.naming.rule("model", canon.native)
+    swap = rule.swaps(canon.naming, where.naming, m.adapter.out_dim or 0, m.adapter.in_dim or 0)
+    if swap and m.adapter.needs_base:
+        raise UsageError(f"module {m.name}: a {m.adapter.label} module on a weight whose shift/scale halves trade "
+                         "places between namings is not supported")
+    return swap
 
 
-def plan_patches(base: Base, loras: list[tuple[Lora, float, str]], allow_unmatched: bool):
+def plan_patches(base: Base, loras: list[tuple[Lora, float, Family]], allow_unmatched: bool):
     """Base key -> patches in LoRA order, plus the unmatched module names and per-LoRA counts."""
     patches: dict[str, list[Patch]] = defaultdict(list)
     unmatched, counts = [], []
-    for lora, strength, fid in loras:
-        table = naming_table(fid)
-        pairs, missing = resolve_modules(lora, table, allow_unmatched)
+    for lora, strength, family in loras:
+        fid = family.id
+        pairs, missing = resolve_modules(lora, family, allow_unmatched)
         matched = 0
         for m, c in pairs:
-            places = base.locate(table, c, m.adapter.out_dim or 0, _bounds)
+            places = locate(base, family, c, m.adapter.out_dim or 0)
             if not places:
                 missing.append(f"{m.component}:{m.name}")
                 continue
             matched += 1
             for p in places:
-                swap = _needs_swap(table, c, p, m)
+                swap = _needs_swap(family, c, p, m)
                 patches[p.key].append(Patch(m, strength, p, swap, fid))
                 if _bias_of(m) is not None:
                     if p.bias_key is None:
@@ -114,8 +117,8 @@ def plan_patches(base: Base, loras: list[tuple[Lora, float, str]], allow_unmatch
 
 def unmatched_error(unmatched: list[str], loras, base: Base) -> FormatError:
     shown = ", ".join(unmatched[:20]) + (f" and {len(unmatched) - 20} more" if len(unmatched) > 20 else "")
-    fams = sorted({fid for _, _, fid in loras})
-    guess = base.family_guess()
+    fams = sorted({f.id for _, _, f in loras})
+    guess = base_family(base)[0]
     if guess and guess not in fams:
         cause = f"the LoRA is {'/'.join(fams)} but the base looks like {guess}"
     elif all(": te" in u for u in unmatched):
@@ -137,19 +140,18 @@ def _bias_of(m: Module):
     return None
 
 
-def _module_delta(m: Module, base_view, device):
-    """Dense ΔW (unscaled, float32) on ``device``; plain LoRA products run there, the rest on CPU."""
+def _module_delta(m: Module, base_view, device, strength: float):
+    """Dense ΔW at ``strength`` (scale included, float32) on ``device``: low-rank products are multiplied there,
+    the rest computed on CPU (with the base weight, for the adapters that need it)."""
     import torch
 
     a = m.adapter
-    if a.kind == "lora" and not a.has("lora_mid") and device.type != "cpu":
-        up = a.up.torch().to(device, torch.float32)
-        down = a.down.torch().to(device, torch.float32)
-        d = up.flatten(1) @ down.flatten(1)
-        return d.reshape(up.shape[0], *down.shape[1:]) if down.dim() > 2 else d
-    needs_base = a.kind in ("ia3", "oft", "glora")
-    d = a.delta(base=base_view.float().cpu()) if needs_base else a.delta()
-    return d.to(device, torch.float32)
+    factors = a.low_rank() if device.type != "cpu" and not a.needs_base else None
+    if factors is not None:
+        up, down = factors
+        return (up.to(device) @ down.to(device)) * (m.scale * strength)
+    base = base_view.float().cpu() if a.needs_base else None
+    return m.delta(base=base, strength=strength).to(device, torch.float32)
 
 
 def _fit(d, target, p: Patch):
@@ -176,16 +178,16 @@ def apply_weight(w, p: Patch, device) -> None:
     target = w if p.where.rows is None else w[p.where.rows[0]: p.where.rows[1]]
     if _add_product(target, p, device):
         return
-    d = _module_delta(m, target, device)
+    d = _module_delta(m, target, device, 1.0 if m.magnitude is not None else p.strength)
     if p.swap:
-        d = _swap(d)
-    d = _fit(_rows(d, p.where.src), target, p) * m.scale
+        d = swap_halves(d)
+    d = _fit(_rows(d, p.where.src), target, p)
     if m.magnitude is None:
-        target.add_(d, alpha=p.strength)
+        target.add_(d)
         return
     mag = m.magnitude.torch().to(device, torch.float32)
     if m.dora_axis == "row":
-        mag = _rows(_swap(mag.reshape(-1)) if p.swap else mag.reshape(-1), p.where.src)
+        mag = _rows(swap_halves(mag.reshape(-1)) if p.swap else mag.reshape(-1), p.where.src)
     elif p.where.src is not None:
         raise UsageError(f"module {m.name}: a column-wise DoRA module cannot be split over several base weights")
     target.copy_(dora(target, d, mag, m.dora_axis, p.strength))
@@ -194,15 +196,15 @@ def apply_weight(w, p: Patch, device) -> None:
 def _product(p: Patch, device):
     """(first row, B, A, factor) when ``p`` adds factor·B@A to rows of its weight as one multiply-add (plain
     LoRA factors, no dense ΔW, no extra passes); None when the general path must reshape, renormalise or explain."""
-    import torch
-
     m, a = p.module, p.module.adapter
-    if p.bias or a.kind != "lora" or a.has("lora_mid") or m.magnitude is not None or p.where.transpose:
+    if p.bias or a.needs_base or m.magnitude is not None or p.where.transpose:
         return None
-    up = a.up.torch().to(device, torch.float32).flatten(1)
-    down = a.down.torch().to(device, torch.float32).flatten(1)
+    factors = a.low_rank()
+    if factors is None:
+        return None
+    up, down = (f.to(device) for f in factors)
     if p.swap:
-        up = _swap(up)
+        up = swap_halves(up)
     up = _rows(up, p.where.src)
     return (p.where.rows[0] if p.where.rows else 0), up, down, p.strength * m.scale
 
@@ -243,7 +245,7 @@ def apply_bias(b, p: Patch, device) -> None:
     ref, scaled = _bias_of(p.module)
     v = ref.torch().to(device, torch.float32).reshape(-1) * (p.module.scale if scaled else 1.0)
     if p.swap:
-        v = _swap(v)
+        v = swap_halves(v)
     v = _rows(v, p.where.src)
     target = b if p.where.rows is None else b[p.where.rows[0]: p.where.rows[1]]
     if v.numel() != target.numel():
@@ -326,8 +328,6 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
     """(name, dtype, shape, callable) in base order; the callables pull results from the pipeline."""
     import torch
 
-    from loratools.io.safetensors import TORCH_DTYPES
-
     jobs, items = [], []
     for name, info in bf.header.tensors.items():
         key = f"{bf.component}/{name}" if bf.component else name
@@ -357,8 +357,6 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
 
 
 def _size(dtype: str) -> int:
-    from loratools.io.safetensors import DTYPE_SIZES
-
     return DTYPE_SIZES[dtype]
 
 
@@ -369,30 +367,25 @@ def _pipeline(device):
 
 
 def write_baked(base: Base, patches, output: str, metadata: dict, *, device, wanted, overwrite: bool,
-                result: BakeResult) -> None:
+                result: BakeResult, sync: bool = False) -> None:
     """Write the patched base at ``output`` (a file, or a folder mirroring a folder base), atomically."""
-    from loratools.io.safetensors import write_safetensors
+    from loratools.io.writer import write_safetensors
 
     if not base.is_folder:
         with _pipeline(device) as pipe:
             items = _file_items(base.files[0], patches, device, wanted, result, pipe)
-            write_safetensors(output, items, {**base.files[0].header.metadata, **metadata}, overwrite=overwrite)
+            write_safetensors(output, items, {**base.files[0].header.metadata, **metadata}, overwrite=overwrite,
+                              sync=sync)
         return
-    if os.path.lexists(output) and not overwrite:
-        raise LoraToolsError("output exists; pass --overwrite to replace it", output)
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(os.path.abspath(output)) + ".", dir=parent)
-    try:
-        _write_folder(base, patches, tmp, metadata, device, wanted, result)
-        _replace_folder(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    from loratools.io.atomic import atomic_folder
+
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with atomic_folder(output, overwrite=overwrite) as tmp:
+        _write_folder(base, patches, str(tmp), metadata, device, wanted, result, sync)
 
 
-def _write_folder(base: Base, patches, tmp: str, metadata: dict, device, wanted, result) -> None:
-    from loratools.io.safetensors import write_safetensors
+def _write_folder(base: Base, patches, tmp: str, metadata: dict, device, wanted, result, sync: bool) -> None:
+    from loratools.io.writer import write_safetensors
 
     sizes: dict[str, int] = {}
     for bf in base.files:
@@ -407,7 +400,7 @@ def _write_folder(base: Base, patches, tmp: str, metadata: dict, device, wanted,
             continue
         with _pipeline(device) as pipe:
             items = _file_items(bf, patches, device, wanted, result, pipe)
-            write_safetensors(dest, items, {**bf.header.metadata, **metadata})
+            write_safetensors(dest, items, {**bf.header.metadata, **metadata}, sync=sync)
         sizes[bf.rel] = result.bytes_written - before
     for rel in base.indexes:
         folder = os.path.dirname(rel)
@@ -425,22 +418,11 @@ def _untouched(bf, patches, wanted) -> bool:
     return not casts and not any(prefix + name in patches for name in bf.header.tensors)
 
 
-def _replace_folder(tmp: str, output: str) -> None:
-    """Move the finished folder into place; an old output is moved aside first and removed after."""
-    old = None
-    if os.path.lexists(output):
-        old = tempfile.mkdtemp(prefix=".old.", dir=os.path.dirname(os.path.abspath(output)))
-        os.rename(output, os.path.join(old, "x"))
-    os.rename(tmp, output)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def bake_loras(base: Base, loras: list[tuple[Lora, float, str]], output: str, *, dtype: str | None = None,
+def bake_loras(base: Base, loras: list[tuple[Lora, float, Family]], output: str, *, dtype: str | None = None,
                device="auto", allow_unmatched: bool = False, overwrite: bool = False,
-               provenance: list[dict] | None = None) -> BakeResult:
-    """Bake ``loras`` ((Lora, strength, family id) in order) into ``base`` and write ``output``."""
-    from loratools import __version__
+               provenance: list[dict] | None = None, sync: bool = False) -> BakeResult:
+    """Bake ``loras`` ((Lora, strength, family) in order) into ``base`` and write ``output``."""
+    from loratools._version import __version__
     from loratools.ops.lowrank import resolve_device
 
     start = time.perf_counter()
@@ -454,11 +436,12 @@ def bake_loras(base: Base, loras: list[tuple[Lora, float, str]], output: str, *,
         raise unmatched_error(unmatched, loras, base)
     result = BakeResult(base.path, output, str(dev), dtype or "keep", unmatched=unmatched)
     provenance = provenance or [{"file": os.path.basename(l.path), "strength": s} for l, s, _ in loras]
-    for info, count, (_, _, fid) in zip(provenance, counts, loras):
-        result.loras.append({**info, "family": fid, **count})
+    for info, count, (_, _, fam) in zip(provenance, counts, loras):
+        result.loras.append({**info, "family": fam.id, **count})
     meta = {"loratools.version": __version__, "loratools.baked": json.dumps(provenance)}
     try:
-        write_baked(base, patches, output, meta, device=dev, wanted=dtype, overwrite=overwrite, result=result)
+        write_baked(base, patches, output, meta, device=dev, wanted=dtype, overwrite=overwrite, result=result,
+                    sync=sync)
     except LoraToolsError as exc:  # raised while patching a tensor: name the base it was patching
         exc.path = exc.path or base.path
         raise

@@ -9,112 +9,41 @@ block-diagonal, each part's scale folded into its block) — all exact.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
 
 from loratools.errors import FormatError, UsageError
-from loratools.families.naming import DIFFUSERS, NATIVE, Canon, NamingTable
-from loratools.io.safetensors import DTYPE_SIZES
-from loratools.model import Lora, Module, TensorRef
+from loratools.families import Family
+from loratools.families.naming import DIFFUSERS, NATIVE, Canon
+from loratools.formats import get_codec
+from loratools.model import Lora, Module, OutModule, Rows
 
-FLAT_FORMATS = ("kohya", "lycoris", "onetrainer")
 MODEL_COMPONENTS = ("unet", "transformer", "model")
 
 
-class Rows(NamedTuple):
-    """Rows [lo, hi) of a stored tensor (along its first dim), the two halves optionally swapped.
-
-    Renames and splits only move rows, so they are written as the stored bytes: no decoding, no torch.
-    """
-
-    ref: TensorRef
-    lo: int
-    hi: int
-    swap: bool = False
-
-    def _byte_span(self) -> tuple[int, int, int]:
-        """(first byte, last byte, bytes in the first half) of the rows within the stored tensor."""
-        ref = self.ref
-        row = ref.numel * DTYPE_SIZES[ref.dtype] // ref.shape[0] if ref.shape and ref.shape[0] else 0
-        return self.lo * row, self.hi * row, (self.hi - self.lo) // 2 * row
-
-    def spans(self):
-        """The rows as spans of their source file (the writer copies those file to file), or None when the
-        source is not a file."""
-        spans = getattr(self.ref.source, "spans", None)
-        if spans is None:
-            return None
-        lo, hi, half = self._byte_span()
-        parts = [(lo + half, hi), (lo, lo + half)] if self.swap else [(lo, hi)]
-        return spans(self.ref.key, parts)
-
-    def scaled(self, k: float):
-        """The rows times ``k``, in their stored dtype (one rounding; exact and torch-free for powers of two)."""
-        from loratools.io.arrays import scale_by_power_of_two
-
-        data = self.read()
-        if not isinstance(data, bytearray):  # a slice of the stored tensor: a copy we may change
-            data = bytearray(data)
-        if data and not scale_by_power_of_two(data, self.ref.dtype, k):
-            import torch
-
-            from loratools.io.safetensors import TORCH_DTYPES
-
-            t = torch.frombuffer(data, dtype=getattr(torch, TORCH_DTYPES[self.ref.dtype]))
-            t.copy_(t.double() * k)  # small tensors; float64 so that the only rounding is the final one
-        return data
-
-    def read(self) -> bytes:
-        ref = self.ref
-        reader = getattr(ref.source, "read_bytes", None)
-        if reader is not None:
-            data = reader(ref.key)
-        else:  # an in-memory source
-            import torch
-
-            data = ref.torch().contiguous().view(torch.uint8).numpy().tobytes()
-        lo, hi, half = self._byte_span()
-        if lo == 0 and hi == len(data) and not self.swap:
-            return data  # the whole tensor: no copy
-        piece = bytes(memoryview(data)[lo:hi])
-        return piece[half:] + piece[:half] if self.swap else piece
-
-
-@dataclass
-class OutModule:
-    """One LoRA module to write: factors computed on demand (float32 torch), ΔW = scale · up @ down."""
-
-    space: str
-    native: str
-    name: str  # dotted module path in the target naming
-    factors: Callable[[], tuple]  # -> (up, down, mid or None)
-    rank: int
-    scale: float
-    dtype: str
-    magnitude: Callable | None = None  # DoRA magnitude, row-wise [out] or column-wise [1, in]
-    dora_axis: str | None = None
-    bias: Callable | None = None  # absolute bias delta [out]
-    sources: list[str] = field(default_factory=list)
-    shapes: tuple | None = None  # (up, down, mid or None) shapes, known before any tensor is read
-    raw: tuple | None = None  # (up, down, mid) as Rows when the factors are stored rows, unchanged
-    alpha_ref: TensorRef | None = None  # a stored tensor holding exactly scale * rank, to copy as it is
-
-
-def _spaces(lora: Lora, table: NamingTable) -> dict[str, str]:
-    """Component -> naming space: 'model' or the encoder kind of each text-encoder component."""
-    fmt = "kohya" if lora.format == "lycoris" else lora.format
-    kinds = table.encoder_kinds(fmt, ((m.component, m.name, m.adapter.in_dim) for m in lora.modules))
+def _spaces(lora: Lora, family: Family) -> dict[str, str]:
+    """Component -> naming space: 'model' or the encoder id of each text-encoder component."""
+    kinds = family.encoder_spaces(lora.format, ((m.component, m.name, m.adapter.in_dim) for m in lora.modules))
     return {**kinds, **{c: "model" for c in MODEL_COMPONENTS}}
 
 
-def canonicalize(lora: Lora, table: NamingTable, lora_only: bool = True) -> list[tuple[Module, Canon]]:
-    """Each module with its canonical identity; FormatError listing the modules the table lacks."""
-    bad_types = sorted({m.adapter.label for m in lora.modules if m.adapter.kind != "lora"})
+def _flat(fmt: str) -> bool:
+    try:
+        return get_codec(fmt).flat
+    except KeyError:
+        return False
+
+
+def canonicalize(lora: Lora, family: Family, lora_only: bool = True) -> list[tuple[Module, Canon]]:
+    """Each module with its canonical identity; FormatError listing the modules the family's tables lack."""
+    bad_types = sorted({m.adapter.label for m in lora.modules if not m.adapter.exact_lora})
     if bad_types and lora_only:
         raise FormatError(f"cannot convert {', '.join(bad_types)} modules exactly to LoRA; only LoRA/LoCon "
                           "files convert (a lossy SVD path comes with resize/merge)", lora.path)
-    flat = lora.format in FLAT_FORMATS
-    spaces = _spaces(lora, table)
+    if not family.has_naming:
+        raise FormatError(f"loratools has no naming tables for {family.name} ({family.id}) yet: it can inspect "
+                          "these files but not rename them", lora.path)
+    table = family.naming
+    flat = _flat(lora.format)
+    spaces = _spaces(lora, family)
     out, unmatched, seen = [], [], {}
     for m in lora.modules:
         space = spaces.get(m.component)
@@ -131,11 +60,11 @@ def canonicalize(lora: Lora, table: NamingTable, lora_only: bool = True) -> list
                               + (f" part {canon.part.index}" if canon.part else "") + " (conflicting keys)",
                               lora.path)
         seen[key] = m.name
-        m.target, m.slice = f"{canon.space}:{canon.native}", canon.part
+        m.target, m.part = f"{canon.space}:{canon.native}", canon.part
         out.append((m, canon))
     if unmatched:
         shown = ", ".join(unmatched[:20]) + (f" and {len(unmatched) - 20} more" if len(unmatched) > 20 else "")
-        raise FormatError(f"{len(unmatched)} modules are not in the {table.family} tables: {shown} — is the "
+        raise FormatError(f"{len(unmatched)} modules are not in the {family.id} tables: {shown} — is the "
                           f"family right? (detected {lora.family.id if lora.family else '?'}; --family overrides)",
                           lora.path)
     return out
@@ -148,24 +77,20 @@ def _factors(m: Module):
     return a.up.torch(), a.down.torch(), mid
 
 
-def _swap(up):
+def swap_halves(up):
+    """The two row halves of ``up`` traded (shift/scale order of adaLN modulations differs between namings)."""
     import torch
 
     half = up.shape[0] // 2
     return torch.cat([up[half:], up[:half]])
 
 
-def _needs_swap(rule, canon_naming: str, target_naming: str, out_dim: int, in_dim: int) -> bool:
-    if rule.swap_halves is None or canon_naming == target_naming:
-        return False
-    return rule.swap_halves == "always" or out_dim == 2 * in_dim
-
-
-def plan(pairs: list[tuple[Module, Canon]], table: NamingTable, target_naming: str) -> list[OutModule]:
+def plan(pairs: list[tuple[Module, Canon]], family: Family, target_naming: str) -> list[OutModule]:
     """Output modules for ``target_naming`` (native or diffusers) in source order."""
     groups: dict[tuple[str, str], list[tuple[Module, Canon]]] = defaultdict(list)
     for m, c in pairs:
         groups[(c.space, c.native)].append((m, c))
+    table = family.naming
     out: list[OutModule] = []
     for (space, native), members in groups.items():
         rule = table.rule(space, native)
@@ -197,13 +122,13 @@ def _rename(m: Module, c: Canon, rule, naming: str) -> OutModule:
         name = rule.diffusers[c.part.index]
     else:
         name = rule.native if naming == NATIVE else rule.diffusers[0]
-    swap = _needs_swap(rule, c.naming, naming, a.out_dim or 0, a.in_dim or 0)
+    swap = rule.swaps(c.naming, naming, a.out_dim or 0, a.in_dim or 0)
     if swap and (m.magnitude is not None or a.has("lora_up_bias") or a.has("diff_b")):
         raise UsageError(f"{m.name}: swapping shift/scale halves of a DoRA or bias module is not supported")
 
     def factors():
         up, down, mid = _factors(m)
-        return (_swap(up) if swap else up), down, mid
+        return (swap_halves(up) if swap else up), down, mid
 
     magnitude, axis = _dora(m)
     mid = a.t("lora_mid").shape if a.has("lora_mid") else None
@@ -235,7 +160,7 @@ def _split(m: Module, c: Canon, rule) -> list[OutModule]:
     _plain(m, "splitting")
     a = m.adapter
     in_dim, out_dim = a.in_dim, a.out_dim
-    bounds = _bounds(rule.sizes, in_dim, out_dim, m.name)
+    bounds = rule.bounds(in_dim, out_dim, m.name)
     parts = []
     for k, name in enumerate(rule.diffusers):
         lo, hi = bounds[k]
@@ -249,18 +174,6 @@ def _split(m: Module, c: Canon, rule) -> list[OutModule]:
         parts.append(OutModule(c.space, c.native, name, factors, m.rank, m.scale, a.up.dtype, sources=[m.name],
                                shapes=shapes, raw=raw))
     return parts
-
-
-def _bounds(sizes, in_dim: int, out_dim: int, name: str) -> list[tuple[int, int]]:
-    """Row ranges of the parts: every part but the last is sizes[k] × in-features, the last takes the rest."""
-    bounds, lo = [], 0
-    for k, size in enumerate(sizes):
-        hi = out_dim if k == len(sizes) - 1 else lo + size * in_dim
-        bounds.append((lo, hi))
-        lo = hi
-    if bounds[-1][1] <= bounds[-1][0] or bounds[-2][1] > out_dim:
-        raise FormatError(f"{name}: {out_dim} rows do not split into parts of {list(sizes)} × {in_dim}")
-    return bounds
 
 
 def _fuse(members: list[tuple[Module, Canon]], rule) -> OutModule:

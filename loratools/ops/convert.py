@@ -6,17 +6,16 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from loratools import __version__
+from loratools._version import __version__
 from loratools.errors import LoraToolsError, UnknownFamily
-from loratools.families.naming import DIFFUSERS, NATIVE, naming_table
-from loratools.formats.writers import TARGETS, write_target
-from loratools.model import Lora
+from loratools.families import Family, get_family
+from loratools.formats import WriteOptions, codec_for
+from loratools.model import Lora, OutModule
 from loratools.ops.canonical import canonicalize, plan
 
 STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
-SUFFIX = {"kohya": ".kohya.safetensors", "diffusers": ".diffusers.safetensors", "comfy": ".comfy.safetensors",
-          "peft": ".peft"}
 
 
 @dataclass
@@ -33,58 +32,93 @@ class ConvertResult:
     seconds: float = 0.0
 
 
+def _undecided(lora: Lora, why: str = "") -> UnknownFamily:
+    fam = lora.family
+    reason = getattr(fam, "reason", None)
+    cands = list(getattr(fam, "candidates", None) or [])
+    text = "cannot tell the base-model family" + (f" ({reason})" if reason else "")
+    if cands:
+        text += f"; candidates: {', '.join(cands)}" + (f" ({why})" if why else "")
+        text += f"; pass --family {cands[0]} (or another candidate)"
+    else:
+        text += "; pass --family"
+    return UnknownFamily(text, lora.path)
+
+
 def family_of(lora: Lora, override: str | None) -> str:
-    fid = override or (lora.family.id if lora.family else "unknown")
-    if fid == "unknown":
-        reason = getattr(lora.family, "reason", None)
-        raise UnknownFamily("cannot tell the base-model family" + (f" ({reason})" if reason else "")
-                            + "; pass --family", lora.path)
-    return fid
+    """The family an operation may act on: given, or decided by the evidence; never a guess."""
+    if override and override != "unknown":
+        return get_family(override).id
+    fam = lora.family
+    if fam is not None and fam.decided:
+        return fam.id
+    raise _undecided(lora)
 
 
-def target_naming(table, fmt: str) -> str:
-    if fmt == "kohya":
-        return table.kohya_model
-    return NATIVE if fmt == "comfy" else DIFFUSERS
+def output_signature(mods: list[OutModule], family: Family, to: str) -> tuple:
+    """What a plan writes, in the words of the target format (names, shapes, ranks, scales)."""
+    codec = codec_for(to)
+    return tuple((codec.stem(om, family), tuple(map(tuple, filter(None, om.shapes))), om.rank, om.scale)
+                 for om in mods)
 
 
-def model_prefix(family: str) -> str:
-    from loratools.families import get_family
+def choose_family(lora: Lora, override: str | None, build: Callable[[Family], list[OutModule]],
+                  to: str) -> tuple[Family | None, list[OutModule]]:
+    """The family to write ``lora`` for, and its plan. An undecided family is accepted only when every candidate
+    gives the same output (text-encoder-only LoRAs in a naming that does not depend on the family); then the
+    family is returned as None."""
+    try:
+        fid = family_of(lora, override)
+    except UnknownFamily:
+        cands = list(getattr(lora.family, "candidates", None) or [])
+        signatures, plans = set(), []
+        for cid in cands:
+            fam = get_family(cid)
+            try:
+                mods = build(fam)
+                signatures.add(output_signature(mods, fam, to))
+            except LoraToolsError:
+                raise _undecided(lora, f"it does not fit {cid} as written") from None
+            plans.append(mods)
+        if len(signatures) == 1:
+            return None, plans[0]
+        raise _undecided(lora, f"the {to} output differs between them" if signatures else "") from None
+    fam = get_family(fid)
+    return fam, build(fam)
 
-    return get_family(family).model_component if family else "transformer"
 
-
-def output_metadata(lora: Lora, family: str, table, to: str, operation: str = "convert") -> dict:
+def output_metadata(lora: Lora, family: Family | None, to: str, operation: str = "convert") -> dict:
     """The source's metadata without stale hashes, plus the architecture and our provenance."""
     meta = {k: v for k, v in lora.metadata.items() if k not in STALE_KEYS and k != "lora_adapter_metadata"}
     meta.pop("format", None)
-    if table.architecture:
-        meta["modelspec.architecture"] = table.architecture
+    if family is not None and family.has_naming and family.naming.architecture:
+        meta["modelspec.architecture"] = family.naming.architecture
     meta.update({"loratools.version": __version__, "loratools.operation": operation,
-                 "loratools.source_format": lora.format, "loratools.target_format": to,
-                 "loratools.family": family})
+                 "loratools.source_format": lora.format, "loratools.target_format": to})
+    if family is not None:
+        meta["loratools.family"] = family.id
     return meta
 
 
 def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, dtype: str | None = None,
-                 overwrite: bool = False, operation: str = "convert") -> ConvertResult:
+                 overwrite: bool = False, operation: str = "convert", sync: bool = False) -> ConvertResult:
     """Write ``lora`` as format ``to`` at ``dest``. Raises LoraToolsError (nothing written) on bad input."""
-    if to not in TARGETS:
-        raise LoraToolsError(f"unknown target format '{to}' (choose from {', '.join(TARGETS)})")
+    codec = codec_for(to)
     start = time.perf_counter()
     if lora.conflicts:
         more = f" (and {len(lora.conflicts) - 1} more)" if len(lora.conflicts) > 1 else ""
         raise LoraToolsError(f"the file contradicts itself: {lora.conflicts[0]}{more}", lora.path)
-    fid = family_of(lora, family)
-    table = naming_table(fid)
-    pairs = canonicalize(lora, table)
-    mods = plan(pairs, table, target_naming(table, to))
-    meta = output_metadata(lora, fid, table, to, operation)
+
+    def build(fam: Family) -> list[OutModule]:
+        return plan(canonicalize(lora, fam), fam, codec.model_naming(fam))
+
+    fam, mods = choose_family(lora, family, build, to)
+    writer_family = fam or get_family(lora.family.candidates[0])  # identical output for every candidate
+    meta = output_metadata(lora, fam, to, operation)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    files = write_target(mods, table, to, dest, meta, dtype=dtype, overwrite=overwrite,
-                         model_prefix=model_prefix(fid))
-    return ConvertResult(lora.path, str(dest), lora.format, to, fid, len(lora.modules), len(mods),
-                         [str(f) for f in files], list(lora.warnings), time.perf_counter() - start)
+    files = codec.write(mods, writer_family, dest, meta, WriteOptions(dtype, overwrite, sync))
+    return ConvertResult(lora.path, str(dest), lora.format, to, fam.id if fam else "unknown", len(lora.modules),
+                         len(mods), [str(f) for f in files], list(lora.warnings), time.perf_counter() - start)
 
 
 # The writable format that keeps a source's naming.
@@ -100,7 +134,7 @@ def output_path(src: str, to: str, output: str | None, many: bool) -> Path:
         if stem.endswith(ext):
             stem = stem[: -len(ext)]
             break
-    name = stem + SUFFIX[to]
+    name = stem + codec_for(to).suffix
     if output is None:
         return Path(src).parent / name
     out = Path(output)

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratools.errors import LoraToolsError, ShapeMismatch, UsageError
-from loratools.families.naming import naming_table
-from loratools.io.checkpoints import (HF_ENCODER_PREFIXES, MODEL_DIFFUSERS_PREFIXES, MODEL_NATIVE_PREFIXES,
-                                      OPENCLIP_PREFIXES, Base, openclip_modules)
+from loratools.families import Family, get_family
+from loratools.io.checkpoints import Base
 from loratools.model import MemorySource, Module
+from loratools.ops.placement import (MODEL_NATIVE_PREFIXES, encoder_prefixes, model_diffusers_prefixes,
+                                     openclip_modules)
 
 
 @dataclass
@@ -42,19 +43,11 @@ class Spec:
     text_encoders: bool
 
 
-def _encoder_prefixes(table) -> list[tuple[str, str]]:
-    out = []
-    for kind, spell in table.encoders.items():
-        out += [(kind, p) for p in HF_ENCODER_PREFIXES.get(kind, ())]
-        if spell.get("diffusers"):
-            out.append((kind, spell["diffusers"] + "/"))
-    return out
-
-
-def candidates(base: Base, table, text_encoders: bool):
+def candidates(base: Base, family: Family, text_encoders: bool):
     """(base key, Canon, rows or None, transposed) of every weight the family tables know, in file order."""
-    enc = _encoder_prefixes(table) if text_encoders else []
-    openclip = [(kind, p) for kind in table.encoders for p in OPENCLIP_PREFIXES.get(kind, ())] if text_encoders else []
+    table = family.naming
+    enc = [(eid, p) for eid in family.encoders for p in encoder_prefixes(family, eid) if p] if text_encoders else []
+    openclip = [(eid, p) for eid, e in family.encoders.items() for p in e.openclip] if text_encoders else []
     for key in base.keys:
         clip = next(((kind, key[len(p):]) for kind, p in openclip if key.startswith(p)), None)
         if clip:  # OpenCLIP layout: fused q/k/v rows, transposed projection
@@ -66,7 +59,7 @@ def candidates(base: Base, table, text_encoders: bool):
         if not key.endswith(".weight"):
             continue
         stem = key[: -len(".weight")]
-        canon = _model_canon(table, stem)
+        canon = _model_canon(family, stem)
         if canon is None:
             for kind, prefix in enc:
                 if stem.startswith(prefix):
@@ -77,11 +70,11 @@ def candidates(base: Base, table, text_encoders: bool):
             yield key, canon, None, False
 
 
-def _model_canon(table, stem: str):
-    for prefix in dict.fromkeys(MODEL_NATIVE_PREFIXES + MODEL_DIFFUSERS_PREFIXES):
+def _model_canon(family: Family, stem: str):
+    for prefix in dict.fromkeys(MODEL_NATIVE_PREFIXES + model_diffusers_prefixes(family)):
         if prefix and not stem.startswith(prefix):
             continue
-        canon = table.resolve("model", stem[len(prefix):], False)
+        canon = family.naming.resolve("model", stem[len(prefix):], False)
         if canon is not None:
             return canon
     return None
@@ -122,12 +115,12 @@ def _module(canon, key: str, up, down, mem: MemorySource, dtype) -> Module:
     return Module(canon.native, "model" if canon.space == "model" else canon.space, adapter, alpha=float(up.shape[1]))
 
 
-def extract_pairs(base: Base, tuned: Base, table, spec: Spec, device, result: ExtractResult):
+def extract_pairs(base: Base, tuned: Base, family: Family, spec: Spec, device, result: ExtractResult):
     """[(Module, Canon)] for every changed weight, computed pair by pair."""
     import torch
 
     pairs, mem = [], MemorySource()
-    for key, canon, rows, transposed in candidates(base, table, spec.text_encoders):
+    for key, canon, rows, transposed in candidates(base, family, spec.text_encoders):
         if key not in tuned.keys:
             result.skipped.append(f"{key} (not in the tuned checkpoint)")
             continue
@@ -160,17 +153,15 @@ def extract_pairs(base: Base, tuned: Base, table, spec: Spec, device, result: Ex
 
 def extract_lora(base: Base, tuned: Base, dest: Path, *, family: str, to: str = "kohya", rank: int | None = None,
                  dynamic=None, conv_rank: int | None = None, text_encoders: bool = False, device="auto",
-                 overwrite: bool = False) -> ExtractResult:
+                 overwrite: bool = False, sync: bool = False) -> ExtractResult:
     """Extract the LoRA that turns ``base`` into ``tuned`` and write it as ``to`` at ``dest``."""
-    from loratools import __version__
-    from loratools.formats.writers import TARGETS, write_target
+    from loratools._version import __version__
+    from loratools.formats import WriteOptions, codec_for
     from loratools.ops.canonical import plan
-    from loratools.ops.convert import model_prefix, target_naming
     from loratools.ops.lowrank import check_rank, parse_dynamic, resolve_device
 
     start = time.perf_counter()
-    if to not in TARGETS:
-        raise UsageError(f"unknown target format '{to}' (choose from {', '.join(TARGETS)})")
+    codec = codec_for(to)
     if (rank is None) == (dynamic is None) and rank is None:
         raise UsageError("give --rank N or --dynamic METHOD:VALUE")
     spec = Spec(check_rank(rank), parse_dynamic(dynamic) if dynamic is not None else None,
@@ -178,17 +169,19 @@ def extract_lora(base: Base, tuned: Base, dest: Path, *, family: str, to: str = 
     dev = resolve_device(device)
     if dest.exists() and not overwrite:
         raise LoraToolsError("output exists; pass --overwrite to replace it", dest)
-    table = naming_table(family)
+    fam = get_family(family)
+    if not fam.has_naming:
+        raise LoraToolsError(f"loratools has no naming tables for {fam.name} ({fam.id}) yet", base.path)
     result = ExtractResult(base.path, tuned.path, str(dest), family, to, str(dev))
-    pairs = extract_pairs(base, tuned, table, spec, dev, result)
+    pairs = extract_pairs(base, tuned, fam, spec, dev, result)
     if not pairs:
         raise LoraToolsError("the checkpoints do not differ in any weight the family tables know", tuned.path)
-    mods = plan(pairs, table, target_naming(table, to))
+    mods = plan(pairs, fam, codec.model_naming(fam))
     meta = {"loratools.version": __version__, "loratools.operation": "extract", "loratools.family": family,
             "loratools.target_format": to}
-    if table.architecture:
-        meta["modelspec.architecture"] = table.architecture
+    if fam.naming.architecture:
+        meta["modelspec.architecture"] = fam.naming.architecture
     dest.parent.mkdir(parents=True, exist_ok=True)
-    write_target(mods, table, to, dest, meta, dtype=None, overwrite=overwrite, model_prefix=model_prefix(family))
+    codec.write(mods, fam, dest, meta, WriteOptions(None, overwrite, sync))
     result.seconds = round(time.perf_counter() - start, 3)
     return result

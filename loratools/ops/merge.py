@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from loratools.errors import ShapeMismatch, UsageError
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.lowrank import FactorSVD, check_rank, resolve_device, truncation
-from loratools.ops.resize import (Factors, Rule, check_modules, cpu_threads, is_vector, lora_module,
+from loratools.ops.resize import (Factors, RankRule, check_modules, cpu_threads, is_vector, lora_module,
                                   metadata_warnings, module_factors, output_lora, storage_dtype, summarize)
 
 METHODS = ("concat", "svd")
@@ -34,7 +34,7 @@ class Term:
 
 def default_key(m: Module) -> Hashable:
     """A module's identity across inputs: its base weight (and row slice) once resolved, else component + name."""
-    return (m.target, m.slice) if m.target else (m.component, m.name)
+    return (m.target, m.part) if m.target else (m.component, m.name)
 
 
 def merge(items: list[tuple[Lora, float]], *, method: str = "concat", rank: int | None = None, dynamic=None,
@@ -60,7 +60,7 @@ def merge(items: list[tuple[Lora, float]], *, method: str = "concat", rank: int 
     items = _check_items(items)
     if method not in METHODS:
         raise UsageError(f"unknown merge method {method!r}: use concat or svd")
-    rule = Rule.make(rank, dynamic, max_rank, required=method == "svd")
+    rule = RankRule.make(rank, dynamic, max_rank, required=method == "svd")
     if method == "concat" and rule is not None:
         raise UsageError("concat keeps every rank: pass --method svd to reduce it")
     lossy_rank = check_rank(lossy_rank, "lossy_rank")
@@ -118,11 +118,11 @@ def _group(items, key) -> dict[Hashable, list[Term]]:
 
 def _label(m: Module) -> str:
     if m.target:
-        return m.target + (f"[{m.slice[0]}:{m.slice[1]}]" if m.slice else "")
+        return m.target + (f" part {m.part.index}" if m.part else "")
     return f"{m.component}:{m.name}"
 
 
-def _merge_group(terms: list[Term], rule: Rule | None, dev, lossy_rank, mem, out_dtype) -> tuple[Module, dict]:
+def _merge_group(terms: list[Term], rule: RankRule | None, dev, lossy_rank, mem, out_dtype) -> tuple[Module, dict]:
     import torch
 
     first = terms[0].module
@@ -205,7 +205,7 @@ def _sum_vectors(terms: list[Term], mem: MemorySource, out_dtype) -> Module:
     tensors = {role: mem.add(f"{len(mem.keys())}:{first.component}.{first.name}.{role}", acc.to(out_dtype or dt))
                for role, (acc, dt) in sums.items()}
     merged = Module(first.name, first.component, type(first.adapter)(tensors), keys=[], target=first.target,
-                    slice=first.slice)
+                    part=first.part)
     return merged
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from loratools.adapters import LoRA
 from loratools.errors import UsageError
-from loratools.io.safetensors import DTYPE_SIZES
+from loratools.io.reader import DTYPE_SIZES
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.lowrank import (FactorSVD, check_rank, compute_dtype, dense_svd, parse_dynamic, resolve_device,
                                    select_rank, split_factors, truncation)
@@ -52,7 +52,7 @@ class Factors:
 
 
 @dataclass
-class Rule:
+class RankRule:
     """How many singular values to keep: a fixed rank or a dynamic rule, with an optional cap."""
 
     rank: int | None = None
@@ -60,7 +60,7 @@ class Rule:
     max_rank: int | None = None
 
     @classmethod
-    def make(cls, rank=None, dynamic=None, max_rank=None, required: bool = True) -> Rule | None:
+    def make(cls, rank=None, dynamic=None, max_rank=None, required: bool = True) -> RankRule | None:
         rank, max_rank = check_rank(rank), check_rank(max_rank, "max_rank")
         if rank is not None and dynamic is not None:
             raise UsageError("pass either --rank or --dynamic, not both")
@@ -145,7 +145,7 @@ def _lossy_factors(m: Module, device, lossy_rank: int | None) -> Factors:
         raise UsageError(f"{LOSSY.get(a.kind, a.kind)} modules need --lossy-rank N to become LoRA (a lossy SVD)")
     first = next(iter(a.tensors.values())).torch()
     if a.kind == "lokr":
-        w1, w2 = a._w1(), a._w2()
+        w1, w2 = a.w1(), a.w2()
         if w2.dim() == 2:  # ΔW = kron(w1, w2): its SVD comes from the factors' SVDs, exactly, without ΔW
             cdt = compute_dtype(first)
             u, s, vh, total, residual = kron_svd(w1.to(device, cdt), w2.to(device, cdt), lossy_rank)
@@ -209,7 +209,7 @@ def lora_module(template: Module, up, down, alpha: float, f: Factors, mem: Memor
     for role, t in (f.biases if biases is None else biases).items():
         tensors[role] = mem.add(f"{key}.{role}", t.to(out) if dtype is not None else t)
     return Module(name=template.name, component=template.component, adapter=LoRA(tensors), alpha=alpha,
-                  rslora=rslora, keys=[], target=template.target, slice=template.slice)
+                  rslora=rslora, keys=[], target=template.target, part=template.part)
 
 
 def copy_module(m: Module, mem: MemorySource, dtype=None) -> Module:
@@ -222,7 +222,7 @@ def copy_module(m: Module, mem: MemorySource, dtype=None) -> Module:
             t = t.to(dtype)
         tensors[role] = mem.add(f"{key}.{role}", t)
     return Module(name=m.name, component=m.component, adapter=type(m.adapter)(tensors), alpha=m.alpha,
-                  rslora=m.rslora, keys=[], target=m.target, slice=m.slice)
+                  rslora=m.rslora, keys=[], target=m.target, part=m.part)
 
 
 def output_lora(first: Lora, modules: list[Module], mem: MemorySource) -> Lora:
@@ -281,7 +281,7 @@ def resize(lora: Lora, *, rank: int | None = None, dynamic=None, max_rank: int |
         >>> small, report = resize(loratools.load("style.safetensors"), rank=32)
         >>> report["summary"]["retained_min"]
     """
-    rule = Rule.make(rank, dynamic, max_rank)
+    rule = RankRule.make(rank, dynamic, max_rank)
     lossy_rank = check_rank(lossy_rank, "lossy_rank")
     dev, out_dtype = resolve_device(device), storage_dtype(dtype)
     check_modules(lora, lossy_rank)
@@ -297,7 +297,7 @@ def resize(lora: Lora, *, rank: int | None = None, dynamic=None, max_rank: int |
     return output_lora(lora, modules, mem), report
 
 
-def _resize_module(m: Module, rule: Rule, dev, lossy_rank, mem, out_dtype) -> tuple[Module, dict]:
+def _resize_module(m: Module, rule: RankRule, dev, lossy_rank, mem, out_dtype) -> tuple[Module, dict]:
     row = {"name": m.name, "component": m.component, "type": m.adapter.label, "old_rank": m.rank}
     if is_vector(m):
         return copy_module(m, mem, out_dtype), {**row, "action": "kept", "new_rank": None, "retained": 1.0,
@@ -321,7 +321,7 @@ def _resize_module(m: Module, rule: Rule, dev, lossy_rank, mem, out_dtype) -> tu
     return new, row
 
 
-def _fixed_target(rule: Rule) -> int:
+def _fixed_target(rule: RankRule) -> int:
     return min(r for r in (rule.rank, rule.max_rank) if r is not None)
 
 

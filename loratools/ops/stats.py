@@ -15,12 +15,11 @@ def _singular_values(module: Module):
     a = module.adapter
     if a.needs_base:
         return None
-    if a.kind == "lora" and not a.has("lora_mid"):
-        up = a.up.torch().float().flatten(1)
-        down = a.down.torch().float().flatten(1)
-        return factor_svd(up, down, compute_uv=False)
+    factors = a.low_rank()
+    if factors is not None:
+        return factor_svd(*factors, compute_uv=False)
     if a.kind == "lokr":  # singular values of a Kronecker product are the pairwise products
-        w1, w2 = a._w1().flatten(1), a._w2().flatten(1)
+        w1, w2 = a.w1().flatten(1), a.w2().flatten(1)
         s = torch.outer(torch.linalg.svdvals(w1), torch.linalg.svdvals(w2)).flatten()
         return s.sort(descending=True).values
     delta = a.delta()

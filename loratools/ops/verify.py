@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from loratools.families.naming import NATIVE, naming_table
+from loratools.families import Family, get_family
+from loratools.families.naming import NATIVE
 from loratools.model import Lora
-from loratools.ops.canonical import _swap, canonicalize
+from loratools.ops.canonical import canonicalize, swap_halves
 
 
 @dataclass
@@ -29,19 +30,24 @@ class VerifyResult:
     only_in_b: list[str] = field(default_factory=list)
 
 
-def _pieces(lora: Lora, table) -> dict[tuple[str, str], list]:
+def _pieces(lora: Lora, family: Family) -> dict[tuple[str, str], list]:
     """(space, native) -> [(up_scaled [rows, r] placed at its row offset, down [r, n], total rows) or dense]."""
     out = defaultdict(list)
-    for m, c in canonicalize(lora, table, lora_only=False):
+    for m, c in canonicalize(lora, family, lora_only=False):
         a = m.adapter
-        if a.kind == "lora" and not a.has("lora_mid"):
-            up = a.up.torch().double().flatten(1) * m.scale
-            down = a.down.torch().double().flatten(1)
+        if a.needs_base:
+            from loratools.errors import UsageError
+
+            raise UsageError(f"{m.name}: a {a.label} module's ΔW depends on the base weights; verify compares "
+                             "LoRA files on their own", lora.path)
+        factors = a.low_rank()
+        if factors is not None:
+            up, down = factors[0].double() * m.scale, factors[1].double()
         else:
-            up, down = a.delta().double().flatten(1) * m.scale, None
-        rule = table.rule(c.space, c.native)
-        if rule.swap_halves and c.naming != NATIVE and (rule.swap_halves == "always" or up.shape[0] == 2 * a.in_dim):
-            up = _swap(up)
+            up, down = m.delta().double().flatten(1), None
+        rule = family.naming.rule(c.space, c.native)
+        if rule.swaps(c.naming, NATIVE, up.shape[0], a.in_dim or 0):
+            up = swap_halves(up)
         rows, offset = up.shape[0], 0
         if c.part is not None:
             in_dim = a.in_dim
@@ -92,11 +98,28 @@ def verify(a: Lora, b: Lora, *, rtol: float = 1e-5, family: str | None = None) -
 
 
 def _verify(a: Lora, b: Lora, rtol: float, family: str | None) -> VerifyResult:
+    """Compared in the family's tables; for an undecided family, in every candidate's, which must agree."""
+    from loratools.errors import LoraToolsError, UnknownFamily
     from loratools.ops.convert import family_of
 
-    fid = family_of(a, family)
-    table = naming_table(fid)
-    pa, pb = _pieces(a, table), _pieces(b, table)
+    try:
+        return _compare(a, b, rtol, get_family(family_of(a, family)))
+    except UnknownFamily as undecided:
+        results = []
+        for fid in getattr(a.family, "candidates", None) or []:
+            try:
+                results.append(_compare(a, b, rtol, get_family(fid)))
+            except LoraToolsError:
+                continue
+        verdicts = {(r.equal, r.compared, tuple(r.only_in_a), tuple(r.only_in_b)) for r in results}
+        if len(verdicts) != 1:
+            raise undecided from None
+        return results[0]
+
+
+def _compare(a: Lora, b: Lora, rtol: float, fam: Family) -> VerifyResult:
+    fid = fam.id
+    pa, pb = _pieces(a, fam), _pieces(b, fam)
     rows_out, worst = [], 0.0
     for key in sorted(set(pa) & set(pb), key=str):
         if len(key) == 3:  # DoRA magnitudes compare directly
