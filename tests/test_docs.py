@@ -26,4 +26,12 @@ def test_readme_commands_point_at_real_files():
     readme = (ROOT / "README.md").read_text()
     assert "fixtures/examples/sdxl_slider_kohya.safetensors" in readme
     assert (ROOT / "fixtures" / "examples" / "sdxl_slider_kohya.safetensors").is_file()
-    assert "python -m pytest" in readme and "python -m pytest" in (ROOT / ".ci" / "run").read_text()
+    blocks = [b.split("```", 1)[0].strip() for b in readme.split("```bash\n")[1:3]]
+    main, tests = blocks
+    # users install the package, not the source tree: no editable installs, and pytest run as a command
+    assert "pip install . && loratools inspect fixtures/examples/" in main and " -e " not in main + tests
+    assert tests == "pip install torch==2.13.0 && pip install '.[test]' && pytest -q"
+    ci = (ROOT / ".ci" / "run").read_text()
+    steps = [line.replace("python -m pip", "pip").replace(" -q", "").split(" -p ")[0] for line in ci.splitlines()
+             if line and not line.startswith("#") and line.split()[0] in ("python", "pytest")]
+    assert steps == ["pip install torch==2.13.0", "pip install '.[test]'", "pytest"], steps
