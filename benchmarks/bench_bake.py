@@ -33,7 +33,8 @@ import sys, torch
 from safetensors.torch import load_file, save_file
 import loratools
 from loratools.io.checkpoints import open_base
-from loratools.ops.bake import apply_bias, apply_weight, plan_patches
+from loratools.ops.bake import plan_patches
+from loratools.ops.patch import apply_bias, apply_weight
 from loratools.ops.convert import family_of
 base_path, lora_path, out = sys.argv[1:4]
 lora = loratools.load(lora_path)

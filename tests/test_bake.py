@@ -190,7 +190,7 @@ def test_flux_diffusers_parts_land_in_fused_rows_with_swaps(tmp_path):
 def test_row_blocks_give_the_whole_tensor_result(tmp_path, monkeypatch):
     """Fused rows, a swapped half and a row slice that straddle the blocks patched one at a time on CPU: the
     result is the float32 result of the whole tensor, whatever the block size."""
-    import loratools.ops.bake as bake_mod
+    import loratools.ops.patch as patch_mod
 
     h = 64
     base = _flux_base(tmp_path, h)
@@ -203,7 +203,7 @@ def test_row_blocks_give_the_whole_tensor_result(tmp_path, monkeypatch):
     path = write_lora(tmp_path / "l.safetensors", lora)
     outs = []
     for block in (1 << 21, 4 * h * 5):  # default, then 5 rows: block edges fall inside every slice
-        monkeypatch.setattr(bake_mod, "_BLOCK_BYTES", block)
+        monkeypatch.setattr(patch_mod, "_BLOCK_BYTES", block)
         loratools.bake(tmp_path / "flux.safetensors", [f"{path}:0.8"], tmp_path / f"{block}.safetensors",
                        family="flux1", dtype="fp32")
         outs.append(load(tmp_path / f"{block}.safetensors"))
@@ -220,7 +220,7 @@ def test_row_blocks_give_the_whole_tensor_result(tmp_path, monkeypatch):
         assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-6, atol=1e-7), key
         assert float((a.double() - want).abs().max()) <= 1e-6 * float(want.abs().max()), key
     # keeping bf16, the blocks overwrite the read buffer in place: the same float32 sums, then one rounding
-    monkeypatch.setattr(bake_mod, "_BLOCK_BYTES", 4 * h * 5)
+    monkeypatch.setattr(patch_mod, "_BLOCK_BYTES", 4 * h * 5)
     loratools.bake(tmp_path / "flux.safetensors", [f"{path}:0.8"], tmp_path / "keep.safetensors", family="flux1")
     kept = load(tmp_path / "keep.safetensors")
     for key in ("double_blocks.0.img_attn.qkv.weight", "final_layer.adaLN_modulation.1.weight",
