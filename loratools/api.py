@@ -264,7 +264,7 @@ def bake(base: str | os.PathLike, loras, output: str | os.PathLike, *, dtype: st
         items, provenance = [], []
         for path, strength in specs:
             lora = stack.enter_context(load(path, allow_pickle=allow_pickle, family=family))
-            items.append((lora, strength, _bake_family(lora, family, told, base_model.path)))
+            items.append((lora, strength, _bake_family(lora, family, told, base_model)))
             provenance.append({"file": os.path.basename(os.path.normpath(path)), "sha256": _sha256(path),
                                "strength": strength})
         dest = os.fspath(output)
@@ -305,31 +305,59 @@ def extract(base: str | os.PathLike, tuned: str | os.PathLike, output: str | os.
                             text_encoders=text_encoders, device=device, overwrite=overwrite, sync=sync)
 
 
-def _bake_family(lora: Lora, family: str | None, told: tuple, base_path: str):
+def _bake_family(lora: Lora, family: str | None, told: tuple, base):
     """The family to bake ``lora`` as: given with --family, else the base's, checked against the LoRA's evidence;
-    else the LoRA's own decided family."""
+    else, when the base fits several families, the one the LoRA decided, or any of those the LoRA and the base
+    both fit when each would patch the same tensors the same way (never a guess)."""
     from loratools.errors import UnknownFamily
     from loratools.families import get_family
-    from loratools.ops.convert import family_of
 
     if family:
         return get_family(family)
     base_fid, fits, how = told
     found = lora.family
+    decided = found is not None and found.decided
     if base_fid is not None:
-        if found is not None and found.decided and found.id != base_fid:
+        if decided and found.id != base_fid:
             raise UnknownFamily(f"the LoRA is {found.id} but the base is {base_fid} (told by {how}); pass --family "
                                 "to bake it anyway", lora.path)
-        if found is not None and not found.decided and found.candidates and base_fid not in found.candidates:
+        if found is not None and not decided and found.candidates and base_fid not in found.candidates:
             raise UnknownFamily(f"the base is {base_fid} (told by {how}) but the LoRA fits only "
                                 f"{', '.join(found.candidates)}", lora.path)
         return get_family(base_fid)
-    try:
-        return get_family(family_of(lora, None))
-    except UnknownFamily as exc:
-        which = f"; it fits {', '.join(fits)}" if fits else ""
-        raise UnknownFamily(f"{exc.message}, and the base does not say which family it is{which}",
-                            lora.path) from None
+    if decided:
+        if fits and found.id not in fits:
+            raise UnknownFamily(f"the LoRA is {found.id} but the base fits only {', '.join(fits)}; pass --family "
+                                "to bake it anyway", lora.path)
+        return get_family(found.id)
+    mine = list(found.candidates) if found is not None else []
+    pool = [f for f in mine if f in fits] if fits else mine
+    if pool and _same_patches(lora, base, pool):
+        return get_family(pool[0])
+    shown = ", ".join(pool or mine)
+    which = f" (it fits {', '.join(fits)})" if fits else ""
+    raise UnknownFamily(f"cannot tell the base-model family: neither the LoRA nor the base{which} decides one, and "
+                        f"the families that fit both would bake it differently; pass --family with one of: {shown}",
+                        lora.path)
+
+
+def _same_patches(lora: Lora, base, families: list[str]) -> bool:
+    """Whether every family in ``families`` puts each of the LoRA's modules on the same base rows the same way."""
+    from loratools.errors import LoraToolsError
+    from loratools.families import get_family
+    from loratools.ops.bake import plan_patches
+
+    seen = set()
+    for fid in families:
+        try:
+            patches, unmatched, _ = plan_patches(base, [(lora, 1.0, get_family(fid))], allow_unmatched=False)
+        except LoraToolsError:
+            return False
+        if unmatched:
+            return False
+        seen.add(tuple(sorted((key, p.module.name, p.where.rows, p.where.src, p.where.transpose, p.swap, p.bias)
+                              for key, ps in patches.items() for p in ps)))
+    return len(seen) == 1
 
 
 def _as_lora(item, allow_pickle: bool = False, family: str | None = None) -> Lora:

@@ -41,6 +41,9 @@ def _family_line(fam: dict) -> Text:
     t.append(fid, style="bold red" if fid == "unknown" else "bold green")
     if fam.get("variant"):
         t.append(f" ({fam['variant']})")
+    if fam.get("candidates"):  # undecided: the families it may be, for --family
+        t.append(f"  candidates {', '.join(fam['candidates'])}", style="yellow")
+        return t
     t.append(f"  confidence {fam.get('confidence', 0):.2f}")
     alts = fam.get("alternatives") or []
     if alts:

@@ -38,12 +38,13 @@ def canonicalize(lora: Lora, family: Family, lora_only: bool = True) -> list[tup
     if bad_types and lora_only:
         raise FormatError(f"cannot convert {', '.join(bad_types)} modules exactly to LoRA; only LoRA/LoCon "
                           "files convert (a lossy SVD path comes with resize/merge)", lora.path)
-    if not family.has_naming:
+    spaces = _spaces(lora, family)
+    # text-encoder modules keep transformers names in every format: only the denoiser needs the family's rules
+    if not family.has_naming and any(spaces.get(m.component) == "model" for m in lora.modules):
         raise FormatError(f"loratools has no naming tables for {family.name} ({family.id}) yet: it can inspect "
                           "these files but not rename them", lora.path)
     table = family.naming
     flat = _flat(lora.format)
-    spaces = _spaces(lora, family)
     out, unmatched, seen = [], [], {}
     for m in lora.modules:
         space = spaces.get(m.component)

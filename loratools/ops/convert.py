@@ -33,15 +33,12 @@ class ConvertResult:
 
 
 def _undecided(lora: Lora, why: str = "") -> UnknownFamily:
+    """One line: why the family is open, and the candidates to pass with ``--family``."""
     fam = lora.family
     reason = getattr(fam, "reason", None)
     cands = list(getattr(fam, "candidates", None) or [])
-    text = "cannot tell the base-model family" + (f" ({reason})" if reason else "")
-    if cands:
-        text += f"; candidates: {', '.join(cands)}" + (f" ({why})" if why else "")
-        text += f"; pass --family {cands[0]} (or another candidate)"
-    else:
-        text += "; pass --family"
+    text = "cannot tell the base-model family" + (f": {reason}" if reason else "") + (f"; {why}" if why else "")
+    text += f"; pass --family with one of: {', '.join(cands)}" if cands else "; pass --family"
     return UnknownFamily(text, lora.path)
 
 
@@ -56,9 +53,17 @@ def family_of(lora: Lora, override: str | None) -> str:
 
 
 def output_signature(mods: list[OutModule], family: Family, to: str) -> tuple:
-    """What a plan writes, in the words of the target format (names, shapes, ranks, scales)."""
+    """What a plan writes, in the words of the target format: names, shapes, ranks, scales, and which stored rows
+    (halves swapped or not) or source modules each tensor comes from, so that two families whose rules move the
+    same names differently do not count as giving the same file."""
     codec = codec_for(to)
-    return tuple((codec.stem(om, family), tuple(map(tuple, filter(None, om.shapes))), om.rank, om.scale)
+
+    def how(om: OutModule) -> tuple:
+        if om.raw is None:
+            return tuple(om.sources)
+        return tuple((r.ref.key, r.lo, r.hi, r.swap) if r is not None else None for r in om.raw)
+
+    return tuple((codec.stem(om, family), tuple(map(tuple, filter(None, om.shapes))), om.rank, om.scale, how(om))
                  for om in mods)
 
 
@@ -78,11 +83,11 @@ def choose_family(lora: Lora, override: str | None, build: Callable[[Family], li
                 mods = build(fam)
                 signatures.add(output_signature(mods, fam, to))
             except LoraToolsError:
-                raise _undecided(lora, f"it does not fit {cid} as written") from None
+                raise _undecided(lora, f"the modules do not fit {cid}") from None
             plans.append(mods)
         if len(signatures) == 1:
             return None, plans[0]
-        raise _undecided(lora, f"the {to} output differs between them" if signatures else "") from None
+        raise _undecided(lora, f"the {to} file would differ between them" if signatures else "") from None
     fam = get_family(fid)
     return fam, build(fam)
 
