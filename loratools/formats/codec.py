@@ -58,6 +58,7 @@ class WriteOptions(NamedTuple):
     dtype: str | None = None  # storage dtype of written factors (None: each module's own)
     overwrite: bool = False
     sync: bool = False  # flush new files to disk before they are renamed into place
+    uniform_alpha: bool = False  # kohya-style: one alpha for every module, each scale folded into lora_up
 
 
 class Codec:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loratools.formats.codec import Codec, Stem, WriteOptions
-from loratools.formats.writing import down_up_items
+from loratools.formats.writing import common_alpha, down_up_items
 from loratools.io.writer import write_safetensors
 
 
@@ -18,7 +18,8 @@ class _DownUpWriter(Codec):
     writable = True
 
     def write(self, mods, family, dest: Path, metadata: dict, options: WriteOptions) -> list[Path]:
-        items = down_up_items(mods, lambda om: self.stem(om, family), options.dtype)
+        alpha = common_alpha(mods) if options.uniform_alpha else None
+        items = down_up_items(mods, lambda om: self.stem(om, family), options.dtype, alpha)
         write_safetensors(dest, list(items), metadata, overwrite=options.overwrite, sync=options.sync,
                           group_copies=True)
         return [dest]

@@ -95,18 +95,32 @@ def alpha_item(om: OutModule) -> tuple:
     return "F32", (), struct.pack("<f", om.scale * om.rank)
 
 
-def down_up_items(mods: list[OutModule], stem_of: Callable[[OutModule], str], dtype: str | None):
+def common_alpha(mods: list[OutModule]) -> float | None:
+    """The alpha most modules have (ties: the largest), the one a uniform-alpha file gives every module."""
+    counts = Counter(om.scale * om.rank for om in mods)
+    return max(counts, key=lambda a: (counts[a], a)) if counts else None
+
+
+def down_up_items(mods: list[OutModule], stem_of: Callable[[OutModule], str], dtype: str | None,
+                  alpha: float | None = None):
     """Tensors in kohya's suffix style: ``.alpha``, ``.lora_down.weight`` (+ ``.lora_mid``), ``.lora_up.weight``,
-    ``.dora_scale``, ``.diff_b``."""
+    ``.dora_scale``, ``.diff_b``. With ``alpha``, every module is written with that alpha and its own ratio
+    alpha_i/alpha multiplied into lora_up: the same ΔW for loaders that apply one alpha to every module (diffusers'
+    kohya reader does); exact when the ratio is a power of two, else one rounding in the output dtype."""
     for om in mods:
         f = Factors(om, dtype)
         stem = stem_of(om)
         up_shape, down_shape, mid_shape = _shapes(om)
-        yield (f"{stem}.alpha", *alpha_item(om))
+        own = om.scale * om.rank
+        k = own / alpha if alpha and own != alpha else 1.0
+        if k == 1.0:
+            yield (f"{stem}.alpha", *alpha_item(om))
+        else:
+            yield f"{stem}.alpha", "F32", (), struct.pack("<f", alpha)
         yield f"{stem}.lora_down.weight", f.dtype, down_shape, f.data(1)
         if mid_shape:
             yield f"{stem}.lora_mid.weight", f.dtype, mid_shape, f.data(2)
-        yield f"{stem}.lora_up.weight", f.dtype, up_shape, f.last(f.data(0))
+        yield f"{stem}.lora_up.weight", f.dtype, up_shape, f.last(f.data(0, k))
         if om.magnitude is not None:
             shape = _magnitude_shape(om, up_shape, down_shape)
             yield f"{stem}.dora_scale", f.dtype, shape, lambda f=f, s=shape: f.cast(f.om.magnitude().reshape(s))

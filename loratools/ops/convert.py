@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Callable
 
 from loratools._version import __version__
-from loratools.errors import LoraToolsError, UnknownFamily
+from loratools.errors import LoraToolsError, UnknownFamily, UsageError
 from loratools.families import Family, get_family
 from loratools.formats import WriteOptions, codec_for
+from loratools.formats.writing import common_alpha
 from loratools.model import Lora, OutModule
 from loratools.ops.canonical import canonicalize, plan
 
@@ -105,10 +106,29 @@ def output_metadata(lora: Lora, family: Family | None, to: str, operation: str =
     return meta
 
 
+# Formats whose files store one alpha per module (kohya-style ``.alpha``), where --uniform-alpha applies.
+ALPHA_FORMATS = ("kohya", "comfy")
+
+
+def alpha_warning(mods: list[OutModule], to: str, uniform: bool) -> str | None:
+    """Why a kohya-style file with several alphas may act differently in diffusers, or None."""
+    if uniform or to not in ALPHA_FORMATS or len({om.scale * om.rank for om in mods}) <= 1:
+        return None
+    return ("modules have different alphas; diffusers' kohya reader applies one alpha to every module, so it "
+            "would scale some of them wrongly: --uniform-alpha writes a file every loader reads the same")
+
+
 def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, dtype: str | None = None,
-                 overwrite: bool = False, operation: str = "convert", sync: bool = False) -> ConvertResult:
-    """Write ``lora`` as format ``to`` at ``dest``. Raises LoraToolsError (nothing written) on bad input."""
+                 overwrite: bool = False, operation: str = "convert", sync: bool = False,
+                 uniform_alpha: bool = False) -> ConvertResult:
+    """Write ``lora`` as format ``to`` at ``dest``. Raises LoraToolsError (nothing written) on bad input.
+
+    ``uniform_alpha`` (kohya and comfy targets): every module gets the most common alpha and its own scale ratio
+    is multiplied into lora_up, for loaders that apply one alpha to all modules."""
     codec = codec_for(to)
+    if uniform_alpha and to not in ALPHA_FORMATS:
+        raise UsageError(f"--uniform-alpha applies to {' and '.join(ALPHA_FORMATS)} outputs; {to} files "
+                         "carry each module's scale already")
     start = time.perf_counter()
     if lora.conflicts:
         more = f" (and {len(lora.conflicts) - 1} more)" if len(lora.conflicts) > 1 else ""
@@ -120,10 +140,15 @@ def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, 
     fam, mods = choose_family(lora, family, build, to)
     writer_family = fam or get_family(lora.family.candidates[0])  # identical output for every candidate
     meta = output_metadata(lora, fam, to, operation)
+    warnings = list(lora.warnings)
+    if uniform_alpha and len({om.scale * om.rank for om in mods}) > 1:
+        meta["loratools.uniform_alpha"] = f"{common_alpha(mods):g}"  # provenance: scales were folded into lora_up
+    elif (note := alpha_warning(mods, to, uniform_alpha)) is not None:
+        warnings.append(note)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    files = codec.write(mods, writer_family, dest, meta, WriteOptions(dtype, overwrite, sync))
+    files = codec.write(mods, writer_family, dest, meta, WriteOptions(dtype, overwrite, sync, uniform_alpha))
     return ConvertResult(lora.path, str(dest), lora.format, to, fam.id if fam else "unknown", len(lora.modules),
-                         len(mods), [str(f) for f in files], list(lora.warnings), time.perf_counter() - start)
+                         len(mods), [str(f) for f in files], warnings, time.perf_counter() - start)
 
 
 # The writable format that keeps a source's naming.

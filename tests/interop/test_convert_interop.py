@@ -11,6 +11,7 @@ the source, module by module.
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 pytest.importorskip("diffusers")
 pytest.importorskip("peft")
@@ -104,3 +105,37 @@ def test_lycoris_written_file_converts(family, to, tmp_path):
     source = h.lycoris_file(family, tmp_path / "locon.safetensors", algo="locon")
     out = loratools.convert(source.path, to, f"{tmp_path}/out/", family=family)
     _check(family, source, out.output, to, source.path)
+
+
+@pytest.mark.parametrize("family", DIFFUSERS_READS_KOHYA)
+def test_mixed_alpha_kohya_file_with_uniform_alpha_loads_right_in_diffusers(family, tmp_path):
+    """diffusers' kohya reader applies one alpha to every module: a PEFT adapter with rank/alpha patterns,
+    written as kohya with --uniform-alpha (every alpha the same, each ratio folded into lora_up), acts as the
+    original there; written plainly, diffusers misreads it and convert says so."""
+    source = h.peft_folder(family, "unet", tmp_path / "adapter", mixed=True)
+    plain = loratools.convert(source.path, "kohya", tmp_path / "plain.safetensors", family=family)
+    assert any("--uniform-alpha" in w for w in plain.warnings)
+    with pytest.raises(AssertionError):  # the alpha bug, seen by the loader check or in the outputs
+        fresh = h.build(family)
+        h.load_with_diffusers(family, fresh, plain.output, expect=("unet",))
+        got, ref = h.run(fresh), h.reference_outputs(fresh, source)
+        assert h.max_rel_diff({"unet": got["unet"]}, {"unet": ref["unet"]}) <= RTOL
+    r = loratools.convert(source.path, "kohya", tmp_path / "uniform.safetensors", family=family, uniform_alpha=True)
+    assert not any("--uniform-alpha" in w for w in r.warnings)
+    meta = h.file_metadata(r.output)
+    alphas = {float(v) for k, v in load_file(r.output).items() if k.endswith(".alpha")}
+    assert len(alphas) == 1 and meta["loratools.uniform_alpha"] == f"{alphas.pop():g}"
+    assert loratools.verify(source.path, r.output, rtol=1e-6, family=family).equal
+    fresh = h.build(family)
+    h.load_with_diffusers(family, fresh, r.output, expect=("unet",))
+    got, ref = h.run(fresh), h.reference_outputs(fresh, source)
+    assert h.max_rel_diff({"unet": got["unet"]}, {"unet": ref["unet"]}) <= RTOL
+
+
+def test_uniform_alpha_is_refused_where_files_carry_scales(tmp_path, written):
+    from loratools.errors import UsageError
+
+    source = written("sd1")
+    with pytest.raises(UsageError, match="--uniform-alpha applies to kohya and comfy"):
+        loratools.convert(source.path, "diffusers", tmp_path / "x.safetensors", family="sd1", uniform_alpha=True)
+    assert not (tmp_path / "x.safetensors").exists()
