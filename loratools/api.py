@@ -143,13 +143,15 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, stats: bool = Fals
 
 def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None = None, *, family: str | None = None,
             dtype: str | None = None, overwrite: bool = False, allow_pickle: bool = False, many: bool = False,
-            lossy_rank: int | None = None, device: str = "auto", sync: bool = False, uniform_alpha: bool = False):
+            lossy_rank: int | None = None, device: str = "auto", sync: bool = False, uniform_alpha: bool = False,
+            kohya_names: str | None = None):
     """Rewrite one LoRA in another naming (``kohya``, ``diffusers``, ``peft``, ``comfy``) with the same effect.
 
     Returns a ``ConvertResult``; nothing is written when it raises. ``output`` follows the CLI's ``-o``
     rules (a folder when it exists or ends with '/'; a PEFT target is always a folder). ``uniform_alpha``
     (kohya, comfy) gives every module one alpha, each module's own ratio folded into its lora_up, for loaders
-    that apply one alpha to all modules (diffusers' kohya reader).
+    that apply one alpha to all modules (diffusers' kohya reader). ``kohya_names`` (``native`` | ``diffusers``)
+    picks which module names a kohya file flattens (docs/convert.md says which loaders read which).
 
     Example:
         >>> r = loratools.convert("style.safetensors", to="diffusers")
@@ -166,7 +168,7 @@ def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None =
 
             lora, notes = to_lora(lora, lossy_rank, device)
         result = convert_lora(lora, to, dest, family=family, dtype=_dtype(dtype), overwrite=overwrite, sync=sync,
-                              uniform_alpha=uniform_alpha)
+                              uniform_alpha=uniform_alpha, kohya_names=kohya_names)
         result.warnings += notes
         return result
 

@@ -120,12 +120,17 @@ def alpha_warning(mods: list[OutModule], to: str, uniform: bool) -> str | None:
 
 def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, dtype: str | None = None,
                  overwrite: bool = False, operation: str = "convert", sync: bool = False,
-                 uniform_alpha: bool = False) -> ConvertResult:
+                 uniform_alpha: bool = False, kohya_names: str | None = None) -> ConvertResult:
     """Write ``lora`` as format ``to`` at ``dest``. Raises LoraToolsError (nothing written) on bad input.
 
     ``uniform_alpha`` (kohya and comfy targets): every module gets the most common alpha and its own scale ratio
-    is multiplied into lora_up, for loaders that apply one alpha to all modules."""
+    is multiplied into lora_up, for loaders that apply one alpha to all modules. ``kohya_names`` (kohya target):
+    flatten the denoiser's ``native`` (original checkpoint) or ``diffusers`` module names instead of the family's
+    usual kohya spelling (loaders that match names against a diffusers model, as LyCORIS does, need ``diffusers``
+    for SDXL)."""
     codec = codec_for(to)
+    if kohya_names is not None and (to != "kohya" or kohya_names not in ("native", "diffusers")):
+        raise UsageError("--kohya-names is native or diffusers, for kohya outputs")
     if uniform_alpha and to not in ALPHA_FORMATS:
         raise UsageError(f"--uniform-alpha applies to {' and '.join(ALPHA_FORMATS)} outputs; {to} files "
                          "carry each module's scale already")
@@ -135,7 +140,7 @@ def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, 
         raise LoraToolsError(f"the file contradicts itself: {lora.conflicts[0]}{more}", lora.path)
 
     def build(fam: Family) -> list[OutModule]:
-        return plan(canonicalize(lora, fam), fam, codec.model_naming(fam))
+        return plan(canonicalize(lora, fam), fam, kohya_names or codec.model_naming(fam))
 
     fam, mods = choose_family(lora, family, build, to)
     writer_family = fam or get_family(lora.family.candidates[0])  # identical output for every candidate

@@ -139,3 +139,37 @@ def test_uniform_alpha_is_refused_where_files_carry_scales(tmp_path, written):
     with pytest.raises(UsageError, match="--uniform-alpha applies to kohya and comfy"):
         loratools.convert(source.path, "diffusers", tmp_path / "x.safetensors", family="sd1", uniform_alpha=True)
     assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.skipif(not h.lycoris_available(), reason="lycoris-lora not installed")
+@pytest.mark.parametrize("kind", ["lycoris", "diffusers"])
+def test_sdxl_kohya_file_with_diffusers_names_loads_in_lycoris(kind, tmp_path):
+    """LyCORIS matches kohya names against the module names of the model it is given. Our SDXL kohya files
+    flatten the SGM names sd-scripts uses (its SDXL UNet is built that way; ComfyUI, A1111 and diffusers read them
+    too), which a LyCORIS network on a diffusers UNet does not know. --kohya-names diffusers writes the names it
+    knows, and the network then acts as the original, UNet and both text encoders."""
+    import torch
+
+    if kind == "lycoris":
+        source = h.lycoris_file("sdxl", tmp_path / "src.safetensors", algo="locon")
+    else:
+        source = h.diffusers_file("sdxl", tmp_path / "src.safetensors")
+    want = h.reference_outputs(source.adapted, source)
+    for names in (None, "diffusers"):
+        out = loratools.convert(source.path, "kohya", tmp_path / f"{names}.safetensors", family="sdxl",
+                                kohya_names=names)
+        assert loratools.verify(source.path, out.output, rtol=1e-6, family="sdxl").equal
+        # a LyCORIS network on fresh models of the same base, built as a kohya trainer builds it, every factor
+        # zeroed, then loaded from our file: only what it reads from the file acts
+        target = h.lycoris_file("sdxl", tmp_path / f"net_{names}.safetensors", algo="locon")
+        with torch.no_grad():
+            for p in target.network.parameters():
+                p.zero_()
+        unexpected = target.network.load_weights(str(out.output)).get("unexpected keys", [])
+        got = h.reference_outputs(target.adapted, target)
+        if names is None:  # SGM names: the UNet's modules are not read, its output stays the base's
+            assert unexpected and all(k.startswith("lora_unet_") for k in unexpected)
+            assert h.max_rel_diff({"unet": got["unet"]}, {"unet": want["unet"]}) > 1e-3
+        else:
+            assert not unexpected
+            assert h.max_rel_diff(got, want) <= RTOL
