@@ -67,16 +67,43 @@ def test_the_package_under_test_is_the_installed_one():
     assert all((where.parent / "families" / name).is_file() for name in families.data_files())
 
 
-def test_installed_command_converts_the_bundled_example(tmp_path):
-    """The step that failed for a normal install: convert reads the family's naming table."""
+def _tiny_sdxl_base(path: Path) -> Path:
+    """An SGM checkpoint slice with the four attention weights of one block the example LoRA adapts (real shapes,
+    so the base's signature says SDXL); every other module of the LoRA is unmatched."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    block = "model.diffusion_model.input_blocks.4.1.transformer_blocks.0."
+    shapes = {"attn2.to_k.weight": (640, 2048), **{f"attn1.{n}.weight": (640, 640)
+                                                   for n in ("to_q", "to_k", "to_v", "to_out.0")}}
+    save_file({block + k: rng.standard_normal(v).astype(np.float16) for k, v in shapes.items()}, str(path))
+    return path
+
+
+def test_installed_command_runs_every_operation_on_the_bundled_example(tmp_path):
+    """What failed for a normal install (convert, bake and extract read the family files), end to end through
+    the installed command: inspect, convert, resize, merge, bake, extract."""
     exe = shutil.which("loratools", path=str(Path(sys.executable).parent)) or shutil.which("loratools")
     if exe is None:
         pytest.skip("no loratools command on PATH")
-    out = tmp_path / "slider.diffusers.safetensors"
-    run = subprocess.run([exe, "convert", str(EXAMPLE), "--to", "diffusers", "-o", str(out)],
-                         capture_output=True, text=True, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr
-    assert out.stat().st_size > 0 and "Traceback" not in run.stderr
-    info = subprocess.run([exe, "inspect", "--json", str(out)], capture_output=True, text=True, cwd=tmp_path)
-    assert info.returncode == 0, info.stderr
-    assert json.loads(info.stdout)[0]["format"] == "diffusers"
+
+    def run(*args) -> str:
+        done = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, cwd=tmp_path)
+        assert done.returncode == 0, (args, done.stderr)
+        assert "Traceback" not in done.stderr
+        return done.stdout
+
+    info = json.loads(run("inspect", "--json", EXAMPLE))[0]
+    assert (info["format"], info["family"]["id"], info["modules"]) == ("kohya", "sdxl", 280)
+    run("convert", EXAMPLE, "--to", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert json.loads(run("inspect", "--json", tmp_path / "d.safetensors"))[0]["format"] == "diffusers"
+    run("resize", EXAMPLE, "--rank", "2", "-o", tmp_path / "r.safetensors")
+    assert json.loads(run("inspect", "--json", tmp_path / "r.safetensors"))[0]["rank"]["max"] == 2
+    run("merge", EXAMPLE, tmp_path / "d.safetensors", "-o", tmp_path / "m.safetensors")
+    assert json.loads(run("inspect", "--json", tmp_path / "m.safetensors"))[0]["rank"]["max"] == 8
+    base = _tiny_sdxl_base(tmp_path / "base.safetensors")
+    run("bake", base, EXAMPLE, "-o", tmp_path / "baked.safetensors", "--allow-unmatched")
+    run("extract", base, tmp_path / "baked.safetensors", "-o", tmp_path / "x.safetensors", "--rank", "4")
+    extracted = json.loads(run("inspect", "--json", tmp_path / "x.safetensors"))[0]
+    assert extracted["modules"] == 4 and extracted["family"]["id"] in ("sdxl", "unknown")

@@ -1,0 +1,103 @@
+"""inspect, convert, resize and bake of this tree against an earlier revision, alternating, in one run.
+
+    python benchmarks/bench_before_after.py --before REV [--rank 64] [--fraction 0.25] [--repeat 3]
+
+The earlier revision is exported with `git archive` into a temporary folder (nothing in the checkout changes);
+each command runs as `python -m loratools …` in a fresh process with that tree first on the path, the two trees
+taking turns so that drift in the machine's load hits both alike. Inputs: an SDXL-shaped kohya LoRA (real SGM
+module list, random factors) and a slice of the SDXL checkpoint (every 1/fraction-th tensor of the real layout).
+Prints best and median wall seconds and the peak RSS per command and tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench_bake import write_base
+from common import ROOT, in_child, table, write_sdxl_kohya
+
+PY = sys.executable
+
+
+def export(rev: str, dest: Path) -> Path:
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "loratools"], check=True,
+                             capture_output=True).stdout
+    dest.mkdir(parents=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    subprocess.run([PY, "-m", "compileall", "-q", str(dest / "loratools")], check=True)
+    return dest
+
+
+def run(tree: Path, args: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of `python -m loratools ARGS` with ``tree`` first on the path."""
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    os.sync()
+    with tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen([PY, "-m", "loratools", *args], cwd=tree, env=env, stdout=subprocess.DEVNULL,
+                                stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        if status != 0:
+            err.seek(0)
+            raise SystemExit(f"{tree.name}: loratools {' '.join(args)} failed:\n"
+                             + err.read().decode(errors="replace")[-2000:])
+    return wall, usage.ru_maxrss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--before", required=True, help="git revision to compare against")
+    ap.add_argument("--rank", type=int, default=64)
+    ap.add_argument("--fraction", type=float, default=0.25, help="share of the SDXL checkpoint's tensors")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--only", nargs="*", default=None, help="commands to run (first words: inspect convert ...)")
+    args = ap.parse_args()
+    subprocess.run([PY, "-m", "compileall", "-q", str(ROOT / "loratools")], check=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        trees = {"before": export(args.before, tmp / "before"), "after": ROOT}
+        lora = in_child(write_sdxl_kohya, tmp / "lora.safetensors", rank=args.rank)
+        base = tmp / "base.safetensors"
+        in_child(write_base, base, args.fraction)
+        out = tmp / "out"
+        out.mkdir()
+        commands = {
+            "inspect": ["inspect", str(lora)],
+            "convert --to diffusers": ["convert", str(lora), "--to", "diffusers", "-o", str(out / "c.safetensors"),
+                                       "--overwrite"],
+            "resize --rank 16": ["resize", str(lora), "--rank", "16", "-o", str(out / "r.safetensors"),
+                                 "--overwrite"],
+            "bake": ["bake", str(base), str(lora), "-o", str(out / "b.safetensors"), "--allow-unmatched",
+                     "--overwrite"],
+        }
+        rows = []
+        for name, cmd in commands.items():
+            if args.only and name.split()[0] not in args.only:
+                continue
+            times = {k: [] for k in trees}
+            rss = {k: 0.0 for k in trees}
+            for _ in range(args.repeat):
+                for label, tree in trees.items():
+                    wall, peak = run(tree, cmd)
+                    times[label].append(wall)
+                    rss[label] = max(rss[label], peak)
+            for label in trees:
+                rows.append([name, label, f"{min(times[label]):.2f}", f"{statistics.median(times[label]):.2f}",
+                             f"{rss[label]:.0f}"])
+        mb = lora.stat().st_size / 2**20
+        gb = base.stat().st_size / 2**30
+        print(f"SDXL kohya LoRA rank {args.rank} ({mb:.0f} MB), base slice {gb:.2f} GB; "
+              f"before = {args.before}, after = this tree; {args.repeat} runs each, alternating")
+        print(table(rows, ["command", "tree", "best s", "median s", "peak RSS MB"]))
+
+
+if __name__ == "__main__":
+    main()
