@@ -530,3 +530,18 @@ def test_family_fingerprints(fid, variant, spec):
     r = detect_family(_build(spec), {})
     assert (r.id, r.variant) == (fid, variant), (r.id, r.variant, r.mismatches, r.alternatives[:2])
     assert r.confidence > 0.5 and not r.mismatches
+
+
+def test_a_block_count_complete_for_one_family_decides_cogvideox_over_mochi():
+    """CogVideoX 5B has 42 blocks at width 3072, Mochi 48: a LoRA on all 42 is CogVideoX (its count is complete);
+    on 20 blocks nothing separates them, and the answer stays open."""
+    def attn(n: int, width: int):
+        return [ModuleEvidence("model", f"transformer_blocks.{i}.attn1.{p}", width, width)
+                for i in range(n) for p in ("to_q", "to_k", "to_v", "to_out.0")]
+
+    five = detect_family(attn(42, 3072), {})
+    assert (five.id, five.variant) == ("cogvideox", "5b") and five.confidence >= 0.5
+    assert "42 transformer blocks (CogVideoX 2B/5B layout)" in five.evidence
+    assert (detect_family(attn(30, 1920), {}).id, detect_family(attn(48, 3072), {}).id) == ("cogvideox", "mochi")
+    part = detect_family(attn(20, 3072), {})
+    assert part.id == "unknown" and part.candidates == ["cogvideox", "mochi"]

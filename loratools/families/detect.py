@@ -93,8 +93,8 @@ def _evidence(e: Evaluation) -> list[str]:
             m = match(n) if match else None
             counts[e.fam.modules[int(m.lastgroup[1:])].says if m else "other names"] += 1
     out = [f"{says} ({_plural(k, 'module')})" for says, k in counts.most_common(5)]
-    out += [r.complete for r, _ in e.complete]
-    out += [f"{r.says}: {r.count} of {r.count}" if top == r.count - 1 else
+    out += [r.complete_text(top) for r, top in e.complete]
+    out += [f"{r.says}: {top + 1} of {top + 1}" if top + 1 in r.counts else
             f"{r.says}: indices up to {top} (the model has {r.count})" for r, top in e.partial]
     out += [f"{r.says} ({_plural(k, 'module')})" for r, k in e.dim_ok]
     return out + e.te_text
@@ -113,7 +113,7 @@ def _why(e: Evaluation, winner: Evaluation) -> str:
     problems = _problems(e)
     if problems:
         return problems[0]
-    better = [r.complete for r, _ in winner.complete] + [r.says for r, _ in winner.dim_ok] + winner.te_text
+    better = [r.complete_text(top) for r, top in winner.complete] + [r.says for r, _ in winner.dim_ok] + winner.te_text
     return f"fits the names, but {winner.fam.id} fits better" + (f" ({better[0]})" if better else "")
 
 

@@ -10,8 +10,9 @@ The ``detect`` keys of a family file (all optional):
 - ``modules``: ``[{pattern, says}]``; the module names the family has. A file's names that no pattern of a
   family matches count against that family;
 - ``forbid``: ``[{pattern, says}]``; names the family never has;
-- ``blocks``: ``[{pattern, count, says, complete?}]``; group 1 is a block index. An index >= ``count``
-  contradicts the family; with ``complete``, seeing exactly ``count`` blocks is evidence for it;
+- ``blocks``: ``[{pattern, count, says, complete?}]``; group 1 is a block index. ``count`` is an int or a list
+  (one per variant); an index >= the largest contradicts the family; with ``complete`` (a text, ``{n}`` the
+  count), seeing exactly one of the counts is evidence for it;
 - ``dims``: ``[{pattern, in?, out?, expect?, weight?, says}]``; the shapes of matching modules (the first rule
   that matches a module checks it): ``in``/``out`` an int or a list of ints, or ``expect`` a list of
   ``{in?, out?, variant?}`` alternatives;
@@ -332,7 +333,7 @@ class Evaluation:
             if top >= r.count:
                 self.over.append((r, top))
             elif top >= 0:
-                (self.complete if r.complete and top == r.count - 1 else self.partial).append((r, top))
+                (self.complete if r.completes(top) else self.partial).append((r, top))
 
     def _dims(self, ctx: Context) -> None:
         self.dim_ok, self.dim_bad, self.votes = [], [], Counter()

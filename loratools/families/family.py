@@ -48,12 +48,22 @@ class Pattern:
 
 
 class BlockCount(Pattern):
-    __slots__ = ("count", "complete")
+    """A block index rule: ``count`` blocks (or a list, one per variant: the largest bounds the index)."""
+
+    __slots__ = ("count", "counts", "complete")
 
     def __init__(self, spec: Mapping):
         super().__init__(spec)
-        self.count = int(spec["count"])
+        self.counts = frozenset(_ints(spec["count"]))
+        self.count = max(self.counts)
         self.complete = spec.get("complete")
+
+    def completes(self, top: int) -> bool:
+        """Whether a highest index ``top`` is the last block of one of the family's layouts."""
+        return bool(self.complete) and top + 1 in self.counts
+
+    def complete_text(self, top: int) -> str:
+        return self.complete.replace("{n}", str(top + 1))
 
 
 class Dims(Pattern):
