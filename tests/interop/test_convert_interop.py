@@ -143,6 +143,26 @@ def test_uniform_alpha_is_refused_where_files_carry_scales(tmp_path, written):
 
 @pytest.mark.skipif(not h.lycoris_available(), reason="lycoris-lora not installed")
 @pytest.mark.parametrize("kind", ["lycoris", "diffusers"])
+def test_sd1_kohya_file_loads_in_lycoris(kind, tmp_path):
+    """SD 1.x kohya names are diffusers names flattened: a LyCORIS network on a diffusers UNet reads them all."""
+    import torch
+
+    if kind == "lycoris":
+        source = h.lycoris_file("sd1", tmp_path / "src.safetensors", algo="locon")
+    else:
+        source = h.diffusers_file("sd1", tmp_path / "src.safetensors")
+    out = loratools.convert(source.path, "kohya", tmp_path / "k.safetensors", family="sd1")
+    target = h.lycoris_file("sd1", tmp_path / "net.safetensors", algo="locon")
+    with torch.no_grad():
+        for p in target.network.parameters():
+            p.zero_()
+    assert not target.network.load_weights(str(out.output)).get("unexpected keys")
+    assert h.max_rel_diff(h.reference_outputs(target.adapted, target),
+                          h.reference_outputs(source.adapted, source)) <= RTOL
+
+
+@pytest.mark.skipif(not h.lycoris_available(), reason="lycoris-lora not installed")
+@pytest.mark.parametrize("kind", ["lycoris", "diffusers"])
 def test_sdxl_kohya_file_with_diffusers_names_loads_in_lycoris(kind, tmp_path):
     """LyCORIS matches kohya names against the module names of the model it is given. Our SDXL kohya files
     flatten the SGM names sd-scripts uses (its SDXL UNet is built that way; ComfyUI, A1111 and diffusers read them
