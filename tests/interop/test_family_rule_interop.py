@@ -95,6 +95,10 @@ def test_lora_whose_names_fit_flux_and_hunyuan_video_is_refused(tmp_path, run_cl
     assert not out.exists() or not any(out.iterdir())
     with pytest.raises(UnknownFamily, match="one of: flux1, hunyuan_video"):
         loratools.convert(source.path, "comfy", tmp_path / "c.safetensors")
+    # told a family its modules do not fit: one line, exit 2, nothing written
+    wrong = run_cli("convert", str(source.path), "--to", "kohya", "-o", f"{out}/", "--family", "sdxl")
+    assert wrong.exit_code == 2 and len(wrong.output.strip().splitlines()) == 1, wrong.output
+    assert "not in the sdxl tables" in wrong.output and (not out.exists() or not any(out.iterdir()))
     # told, it writes BFL names that act as the original
     done = run_cli("convert", str(source.path), "--to", "kohya", "-o", f"{out}/", "--family", "flux1")
     assert done.exit_code == 0, done.output
