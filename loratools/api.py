@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from loratools.errors import LoraToolsError
 from loratools.families import ModuleEvidence, detect_family
 from loratools.formats import read_modules
 from loratools.formats.peft_config import AdapterConfig
@@ -38,13 +39,18 @@ def load(path: str | os.PathLike, allow_pickle: bool = False, family: str | None
         metadata = dict(src.metadata or {})
         config = AdapterConfig.from_peft(opened.peft_config) if opened.peft_config is not None else None
         result = read_modules(tensors, metadata, opened.path, config)
+    except LoraToolsError as exc:
+        src.close()
+        if exc.path is None:
+            exc.path = opened.path  # every error names the file
+        raise
     except BaseException:
         src.close()
         raise
     fmt = "peft" if opened.peft_config is not None and result.format in ("peft", "diffusers") else result.format
     lora = Lora(path=opened.path, format=fmt, modules=result.modules, metadata=metadata,
                 unknown_keys=result.unknown_keys, extras=result.extras, warnings=result.warnings,
-                conflicts=result.conflicts,
+                conflicts=result.conflicts, rejected=result.rejected,
                 tensors=tensors, size_bytes=opened.size_bytes, source=src,
                 config=opened.peft_config)
     lora.family = _family(lora, family)
@@ -69,6 +75,7 @@ def _load_bundle(path, bundle: dict, allow_pickle: bool, family: str | None) -> 
     lora = Lora(path=str(path), format="peft", modules=[m for p in parts for m in p.modules],
                 metadata=first.metadata, unknown_keys=[k for p in parts for k in p.unknown_keys],
                 warnings=[w for p in parts for w in p.warnings], conflicts=[c for p in parts for c in p.conflicts],
+                rejected=[r for p in parts for r in p.rejected],
                 tensors={f"{c}/{k}": r for c, p in zip(bundle, parts) for k, r in p.tensors.items()},
                 size_bytes=sum(p.size_bytes for p in parts), source=_Sources([p.source for p in parts]))
     lora.family = _family(lora, family)
@@ -144,7 +151,7 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, stats: bool = Fals
 def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None = None, *, family: str | None = None,
             dtype: str | None = None, overwrite: bool = False, allow_pickle: bool = False, many: bool = False,
             lossy_rank: int | None = None, device: str = "auto", sync: bool = False, uniform_alpha: bool = False,
-            kohya_names: str | None = None):
+            kohya_names: str | None = None, allow_nonfinite: bool = False):
     """Rewrite one LoRA in another naming (``kohya``, ``diffusers``, ``peft``, ``comfy``) with the same effect.
 
     Returns a ``ConvertResult``; nothing is written when it raises. ``output`` follows the CLI's ``-o``
@@ -168,7 +175,8 @@ def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None =
 
             lora, notes = to_lora(lora, lossy_rank, device)
         result = convert_lora(lora, to, dest, family=family, dtype=_dtype(dtype), overwrite=overwrite, sync=sync,
-                              uniform_alpha=uniform_alpha, kohya_names=kohya_names)
+                              uniform_alpha=uniform_alpha, kohya_names=kohya_names,
+                              allow_nonfinite=allow_nonfinite)
         result.warnings += notes
         return result
 
@@ -188,7 +196,8 @@ def verify(a: str | os.PathLike, b: str | os.PathLike, *, rtol: float = 1e-5, fa
 
 
 def save(lora: Lora, path: str | os.PathLike, *, to: str | None = None, family: str | None = None,
-         dtype: str | None = None, overwrite: bool = False, operation: str = "save", sync: bool = False):
+         dtype: str | None = None, overwrite: bool = False, operation: str = "save", sync: bool = False,
+         allow_nonfinite: bool = False):
     """Write a LoRA (e.g. the result of ``resize`` or ``merge``) in format ``to`` (default: its own).
 
     Example:
@@ -201,7 +210,7 @@ def save(lora: Lora, path: str | os.PathLike, *, to: str | None = None, family: 
 
     target = to or SAME_FORMAT.get(lora.format, "kohya")
     return convert_lora(lora, target, Path(path), family=family, dtype=_dtype(dtype), overwrite=overwrite,
-                        operation=operation, sync=sync)
+                        operation=operation, sync=sync, allow_nonfinite=allow_nonfinite)
 
 
 _DTYPES = {"keep": None, None: None, "fp16": "F16", "float16": "F16", "bf16": "BF16", "bfloat16": "BF16",
@@ -244,7 +253,7 @@ def _sha256(path: str) -> str | None:
 
 def bake(base: str | os.PathLike, loras, output: str | os.PathLike, *, dtype: str | None = None,
          device: str = "auto", allow_unmatched: bool = False, overwrite: bool = False, family: str | None = None,
-         allow_pickle: bool = False, sync: bool = False):
+         allow_pickle: bool = False, sync: bool = False, allow_nonfinite: bool = False):
     """Write ``base`` with LoRAs merged in: W' = W + Σ strength·s·ΔW for every adapted weight.
 
     ``loras`` is a list of paths, ``(path, strength)`` pairs or ``"path:strength"`` strings. ``base`` is a
@@ -261,6 +270,7 @@ def bake(base: str | os.PathLike, loras, output: str | os.PathLike, *, dtype: st
     from loratools.io.checkpoints import open_base
     from loratools.ops.bake import bake_loras
     from loratools.ops.placement import base_family
+    from loratools.ops.validate import check_writable
 
     specs = [_lora_spec(s) for s in ([loras] if isinstance(loras, (str, os.PathLike)) else loras)]
     with ExitStack() as stack:
@@ -269,6 +279,7 @@ def bake(base: str | os.PathLike, loras, output: str | os.PathLike, *, dtype: st
         items, provenance = [], []
         for path, strength in specs:
             lora = stack.enter_context(load(path, allow_pickle=allow_pickle, family=family))
+            check_writable(lora, allow_nonfinite)
             items.append((lora, strength, _bake_family(lora, family, told, base_model)))
             provenance.append({"file": os.path.basename(os.path.normpath(path)), "sha256": _sha256(path),
                                "strength": strength})
@@ -370,7 +381,8 @@ def _as_lora(item, allow_pickle: bool = False, family: str | None = None) -> Lor
 
 
 def resize(lora, *, rank: int | None = None, dynamic: str | None = None, max_rank: int | None = None,
-           lossy_rank: int | None = None, device: str = "auto", dtype: str | None = None):
+           lossy_rank: int | None = None, device: str = "auto", dtype: str | None = None,
+           allow_nonfinite: bool = False):
     """Reduce every module to its best rank-k approximation, in factor space (a Lora or a path).
 
     Returns ``(Lora, report)``; write the result with ``loratools.save``.
@@ -382,12 +394,12 @@ def resize(lora, *, rank: int | None = None, dynamic: str | None = None, max_ran
     from loratools.ops.resize import resize as _resize
 
     return _resize(_as_lora(lora), rank=rank, dynamic=dynamic, max_rank=max_rank, lossy_rank=lossy_rank,
-                   device=device, dtype=dtype)
+                   device=device, dtype=dtype, allow_nonfinite=allow_nonfinite)
 
 
 def merge(items, *, method: str = "concat", rank: int | None = None, dynamic: str | None = None,
           max_rank: int | None = None, lossy_rank: int | None = None, device: str = "auto",
-          allow_mixed_families: bool = False, dtype: str | None = None):
+          allow_mixed_families: bool = False, dtype: str | None = None, allow_nonfinite: bool = False):
     """Combine LoRAs with weights: ``items`` is a list of ``(lora_or_path, weight)`` (or bare LoRAs, weight 1).
 
     ``method="concat"`` is exact (factors stacked along rank); ``"svd"`` then truncates optimally to
@@ -404,7 +416,8 @@ def merge(items, *, method: str = "concat", rank: int | None = None, dynamic: st
     for lora, _ in loaded:
         _canonical_targets(lora)
     return _merge(loaded, method=method, rank=rank, dynamic=dynamic, max_rank=max_rank, lossy_rank=lossy_rank,
-                  device=device, allow_mixed_families=allow_mixed_families, dtype=dtype)
+                  device=device, allow_mixed_families=allow_mixed_families, dtype=dtype,
+                  allow_nonfinite=allow_nonfinite)
 
 
 def _canonical_targets(lora: Lora) -> None:

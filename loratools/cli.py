@@ -17,6 +17,9 @@ from loratools import __version__
 from loratools.errors import LoraToolsError
 
 
+INTERNAL_ERROR = 3  # exit code of a bug (an exception outside LoraToolsError); docs/safety.md lists the codes
+
+
 def _fail(exc: LoraToolsError, debug: bool) -> None:
     if debug:
         raise exc
@@ -123,6 +126,13 @@ def main() -> None:
         sys.exit(2)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except Exception as exc:  # a bug: still one line for the user, the traceback with --debug
+        if "--debug" in sys.argv:
+            raise
+        first = (str(exc).splitlines() or [""])[0][:300]
+        click.echo(f"loratools: internal error: {type(exc).__name__}: {first} — please report it; --debug shows "
+                   "the traceback", err=True)
+        sys.exit(INTERNAL_ERROR)
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ def _warn(warnings: list[str]) -> None:
 @click.option("--allow-unmatched", is_flag=True, help="Skip LoRA modules the base has no weight for.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 @click.option("--allow-pickle", is_flag=True, help="Load .ckpt/.pt/.bin LoRAs with torch.load(weights_only=True).")
+@click.option("--allow-nonfinite", is_flag=True, help="Bake NaN/Inf factors and alphas anyway (forensics).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
-def bake(base, loras, output, dtype, device, family, allow_unmatched, overwrite, allow_pickle, as_json) -> None:
+def bake(base, loras, output, dtype, device, family, allow_unmatched, overwrite, allow_pickle, allow_nonfinite,
+         as_json) -> None:
     """Merge LoRAs into a base checkpoint: W' = W + Σ strength·s·ΔW.
 
     BASE is a single-file checkpoint (LDM/SGM, SD3, Flux BFL or ComfyUI bundle) or a diffusers model
@@ -56,7 +58,8 @@ def bake(base, loras, output, dtype, device, family, allow_unmatched, overwrite,
     from loratools import api
 
     r = api.bake(base, list(loras), output, dtype=dtype, device=device, allow_unmatched=allow_unmatched,
-                 overwrite=overwrite, family=family, allow_pickle=allow_pickle, sync=sync_requested())
+                 overwrite=overwrite, family=family, allow_pickle=allow_pickle, sync=sync_requested(),
+                 allow_nonfinite=allow_nonfinite)
     _warn(r.warnings + [f"skipped (no weight in the base): {u}" for u in r.unmatched])
     if as_json:
         click.echo(json.dumps(asdict(r), indent=2))

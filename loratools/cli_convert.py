@@ -19,11 +19,11 @@ def _one(args: tuple) -> dict:
     """Convert one path (runs in a worker process with --jobs)."""
     from loratools import api
 
-    path, to, output, family, dtype, overwrite, allow_pickle, many, lossy_rank, sync, uniform_alpha, names = args
+    path, to, output, family, dtype, overwrite, allow_pickle, many, lossy_rank, sync, uniform_alpha, names, nonfinite = args
     try:
         r = api.convert(path, to, output, family=family, dtype=dtype, overwrite=overwrite,
                         allow_pickle=allow_pickle, many=many, lossy_rank=lossy_rank, sync=sync,
-                        uniform_alpha=uniform_alpha, kohya_names=names)
+                        uniform_alpha=uniform_alpha, kohya_names=names, allow_nonfinite=nonfinite)
         return {"ok": True, **asdict(r)}
     except LoraToolsError as exc:
         return {"ok": False, "path": path, "error": exc.message}
@@ -47,10 +47,11 @@ def _one(args: tuple) -> dict:
 @click.option("--kohya-names", type=click.Choice(["native", "diffusers"]), default=None,
               help="kohya: flatten original (native) or diffusers module names instead of the family's usual "
                    "spelling (SDXL: native like sd-scripts; diffusers for LyCORIS on a diffusers UNet).")
+@click.option("--allow-nonfinite", is_flag=True, help="Pass NaN/Inf factors and alphas through (forensics).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 @click.pass_context
 def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle, lossy_rank, uniform_alpha,
-            kohya_names, as_json) -> None:
+            kohya_names, allow_nonfinite, as_json) -> None:
     """Rewrite LoRAs between kohya, diffusers, PEFT and comfy naming with the same numerical effect.
 
     PATHS are files, PEFT folders, globs expanded by the shell, or folders (searched recursively).
@@ -69,7 +70,7 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
     files = expand_paths(paths)
     many = len(files) > 1
     work = [(f, to, output, family, dtype, overwrite, allow_pickle, many, lossy_rank, sync_requested(),
-             uniform_alpha, kohya_names) for f in files]
+             uniform_alpha, kohya_names, allow_nonfinite) for f in files]
     results = _run(work, jobs, show=not as_json and sys.stderr.isatty())
     failed = [r for r in results if not r["ok"]]
     for r in failed:

@@ -34,17 +34,19 @@ def _rank_options(f):
         click.option("--device", type=DEVICES, default="auto", show_default=True),
         click.option("--dtype", type=click.Choice(["keep", "fp16", "bf16", "fp32"]), default="keep", show_default=True),
         click.option("--overwrite", is_flag=True, help="Replace an existing output."),
+        click.option("--allow-nonfinite", is_flag=True, help="Pass NaN/Inf factors and alphas through (forensics)."),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout."),
     ]):
         f = opt(f)
     return f
 
 
-def _finish(result, report: dict, output: str, to, family, dtype, overwrite, as_json, operation: str) -> None:
+def _finish(result, report: dict, output: str, to, family, dtype, overwrite, as_json, operation: str,
+            allow_nonfinite: bool = False) -> None:
     from loratools import api
 
     saved = api.save(result, output, to=to, family=family, dtype=None if dtype == "keep" else dtype,
-                     overwrite=overwrite, operation=operation, sync=sync_requested())
+                     overwrite=overwrite, operation=operation, sync=sync_requested(), allow_nonfinite=allow_nonfinite)
     report["output"] = saved.output
     report["format"] = saved.target
     if as_json:
@@ -58,7 +60,8 @@ def _finish(result, report: dict, output: str, to, family, dtype, overwrite, as_
 @click.command()
 @click.argument("path", type=click.Path())
 @_rank_options
-def resize(path, rank, dynamic, max_rank, lossy_rank, output, to, family, device, dtype, overwrite, as_json):
+def resize(path, rank, dynamic, max_rank, lossy_rank, output, to, family, device, dtype, overwrite, allow_nonfinite,
+           as_json):
     """Reduce a LoRA's rank by exact factor-space SVD (fixed rank or per-module dynamic rank).
 
     Each module is truncated to its best rank-k approximation; alpha is chosen so the effective scale is
@@ -75,8 +78,8 @@ def resize(path, rank, dynamic, max_rank, lossy_rank, output, to, family, device
 
     with api.load(path, family=family) as lora:
         result, report = api.resize(lora, rank=rank, dynamic=dynamic, max_rank=max_rank, lossy_rank=lossy_rank,
-                                    device=device)
-        _finish(result, report, output, to, family, dtype, overwrite, as_json, "resize")
+                                    device=device, allow_nonfinite=allow_nonfinite)
+        _finish(result, report, output, to, family, dtype, overwrite, as_json, "resize", allow_nonfinite)
 
 
 def parse_weighted(text: str) -> tuple[str, float]:
@@ -100,7 +103,7 @@ def parse_weighted(text: str) -> tuple[str, float]:
 @click.option("--allow-mixed-families", is_flag=True, help="Merge LoRAs of different families anyway.")
 @_rank_options
 def merge(paths, method, allow_mixed_families, rank, dynamic, max_rank, lossy_rank, output, to, family, device,
-          dtype, overwrite, as_json):
+          dtype, overwrite, allow_nonfinite, as_json):
     """Combine LoRAs with weights: PATH[:WEIGHT]... (weight 1 when omitted; negative weights subtract).
 
     concat stacks every input's factors along rank, each carrying its own weight·alpha/rank — exact, with no
@@ -121,8 +124,9 @@ def merge(paths, method, allow_mixed_families, rank, dynamic, max_rank, lossy_ra
         for path, weight in items:
             loaded.append((api.load(path, family=family), weight))
         result, report = api.merge(loaded, method=method, rank=rank, dynamic=dynamic, max_rank=max_rank,
-                                   lossy_rank=lossy_rank, device=device, allow_mixed_families=allow_mixed_families)
-        _finish(result, report, output, to, family, dtype, overwrite, as_json, "merge")
+                                   lossy_rank=lossy_rank, device=device, allow_mixed_families=allow_mixed_families,
+                                   allow_nonfinite=allow_nonfinite)
+        _finish(result, report, output, to, family, dtype, overwrite, as_json, "merge", allow_nonfinite)
     finally:
         for lora, _ in loaded:
             lora.close()

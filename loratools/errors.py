@@ -1,7 +1,8 @@
 """One error root for everything loratools reports to a user.
 
-The CLI catches only :class:`LoraToolsError` and prints ``loratools: error: <file>: <message>``
-with exit code 2; any other exception is a bug and keeps its traceback.
+The CLI prints a :class:`LoraToolsError` as ``loratools: error: <file>: <message>`` with exit code 2. Any other
+exception is a bug: one line ``loratools: internal error: …`` with exit code 3 (the traceback with ``--debug``).
+docs/safety.md lists what is refused and the exit codes.
 """
 
 from __future__ import annotations

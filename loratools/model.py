@@ -124,6 +124,7 @@ class Lora:
     extras: dict[str, list[str]] = field(default_factory=dict)  # embeddings and other non-adapter tensors
     warnings: list[str] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)  # the file contradicts itself (e.g. config vs tensors)
+    rejected: list[str] = field(default_factory=list)  # modules whose tensors do not fit together, with why
     family: FamilyResult | None = None
     tensors: dict[str, TensorRef] = field(default_factory=dict)  # every tensor of the source, by key
     size_bytes: int = 0

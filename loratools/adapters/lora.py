@@ -69,6 +69,8 @@ class LoRA(Adapter):
                 raise self._mismatch("mid must be [r_up, r_down, kh, kw]")
         elif up[1] != down[0]:
             raise self._mismatch(f"up has rank {up[1]}, down has rank {down[0]}")
+        if down[0] < 1:
+            raise self._mismatch("rank 0: no factor to apply")
         if len(up) > 2 and any(d != 1 for d in up[2:]):
             raise self._mismatch("a conv up factor must be 1x1")
 

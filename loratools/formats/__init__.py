@@ -106,6 +106,9 @@ def _read_stem(st: Stem, fmt: str, config: AdapterConfig | None, result: ReadRes
         adapter = cls({r: st.roles[r] for r in owned})
         taken = set(owned) | (roles & MODIFIER_ROLES)
         alpha = st.roles.get("alpha")
+        if alpha is not None and alpha.numel != 1:
+            raise FormatError(f"module {st.name}: its alpha holds {alpha.numel} values (shape "
+                              f"{list(alpha.shape)}); an alpha is one number")
         module = Module(
             name=st.name, component=st.component, adapter=adapter,
             alpha=None if alpha is None else alpha.scalar(), alpha_ref=alpha,

@@ -7,8 +7,14 @@ config per component into the header, each key prefixed with the component (`tra
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
+
+from loratools.errors import FormatError
+
+FLOAT32_MAX = 3.4028234663852886e38  # alphas are written as float32 .alpha tensors
+MAX_RANK = 1 << 20
 
 _COMPONENT_PREFIXES = {"model": ("unet", "transformer"), "te1": ("text_encoder",),
                        "te2": ("text_encoder_2",), "te3": ("text_encoder_3",)}
@@ -25,7 +31,9 @@ class LoraConfig:
     raw: dict = field(default_factory=dict)
 
     @classmethod
-    def from_dict(cls, d: dict) -> LoraConfig:
+    def from_dict(cls, d: dict, where: str = "adapter_config.json") -> LoraConfig:
+        """The config's LoRA fields, checked as PEFT types them; FormatError (one line) on anything else."""
+        check_config(d, where)
         return cls(r=d.get("r"), lora_alpha=d.get("lora_alpha"), rank_pattern=d.get("rank_pattern") or {},
                    alpha_pattern=d.get("alpha_pattern") or {}, use_rslora=bool(d.get("use_rslora")),
                    use_dora=bool(d.get("use_dora")), raw=d)
@@ -35,6 +43,52 @@ class LoraConfig:
 
     def alpha_for(self, name: str) -> float | None:
         return _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _rank_problem(v) -> str | None:
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_RANK:
+        return f"must be an integer from 1 to {MAX_RANK}, not {json.dumps(v)[:40]}"
+    return None
+
+
+def _alpha_problem(v) -> str | None:
+    if not _is_number(v):
+        return f"must be a number, not {json.dumps(v)[:40]}"
+    if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
+        return f"must be a finite number within float32's range, not {v!r}"
+    return None
+
+
+def check_config(d: dict, where: str) -> None:
+    """The fields loratools reads, typed as PEFT's LoraConfig types them (r and patterns ints, alphas finite
+    numbers, patterns maps of strings, flags booleans, target_modules a string or a list of strings)."""
+    def fail(field_name: str, problem: str):
+        raise FormatError(f"{where}: {field_name} {problem}")
+
+    if d.get("r") is not None and (p := _rank_problem(d["r"])):
+        fail("r", p)
+    if d.get("lora_alpha") is not None and (p := _alpha_problem(d["lora_alpha"])):
+        fail("lora_alpha", p)
+    for name, problem in (("rank_pattern", _rank_problem), ("alpha_pattern", _alpha_problem)):
+        patterns = d.get(name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            fail(name, f"must map module patterns to values, not a {type(patterns).__name__}")
+        for key, value in patterns.items():
+            if (p := problem(value)) is not None:
+                fail(f"{name}[{json.dumps(key)[:60]}]", p)
+    for flag in ("use_rslora", "use_dora"):
+        if d.get(flag) is not None and not isinstance(d[flag], bool):
+            fail(flag, f"must be true or false, not {json.dumps(d[flag])[:40]}")
+    targets = d.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        fail("target_modules", "must be a string or a list of strings")
 
 
 def _pattern_value(patterns: dict, name: str, default):
@@ -70,6 +124,8 @@ class AdapterConfig:
             return None
         try:
             d = json.loads(text)
+        except RecursionError:
+            raise FormatError("lora_adapter_metadata is nested too deeply") from None
         except ValueError:
             return None
         if not isinstance(d, dict):
@@ -81,7 +137,8 @@ class AdapterConfig:
                 grouped.setdefault(head, {})[rest] = value
             else:
                 grouped.setdefault(None, {})[key] = value
-        return cls({k: LoraConfig.from_dict(v) for k, v in grouped.items()}, "lora_adapter_metadata")
+        return cls({k: LoraConfig.from_dict(v, "lora_adapter_metadata") for k, v in grouped.items()},
+                   "lora_adapter_metadata")
 
     def for_component(self, component: str) -> LoraConfig | None:
         for prefix in _COMPONENT_PREFIXES.get(component, ()):

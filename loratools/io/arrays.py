@@ -140,3 +140,26 @@ def _scale_bits(x: np.ndarray, e: int, shift: int, top: int) -> np.ndarray:
         grown_sub = np.where(new_field > 0, normalised, frac << np.minimum(e, shift))
         out = np.where(new_field >= top, top << shift, np.where(field > 0, mag + (e << shift), grown_sub))
     return sign | np.where(finite, out, mag)
+
+
+# Bits that are all ones exactly in the NaN/Inf codes of each float dtype (float8 E4M3 has NaN only, 0x7F/0xFF).
+_NONFINITE_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
+                   "F64": ("<u8", 0x7FF0000000000000), "F8_E5M2": ("u1", 0x7C)}
+_CHUNK = 1 << 20  # elements per pass: temporaries stay in the cache
+
+
+def all_finite(raw, dtype: str) -> bool:
+    """Whether a tensor's stored bytes hold no NaN or Inf, read from the bits (no decoding, no float copy).
+    Integer and bool tensors are finite."""
+    if dtype == "F8_E4M3":
+        return not bool((np.frombuffer(raw, dtype=np.uint8) & 0x7F == 0x7F).any())
+    spec = _NONFINITE_BITS.get(dtype)
+    if spec is None:
+        return True
+    bits = np.frombuffer(raw, dtype=spec[0])
+    mask = np.array(spec[1], dtype=bits.dtype)
+    for start in range(0, bits.size, _CHUNK):
+        piece = bits[start:start + _CHUNK]
+        if bool(np.equal(piece & mask, mask).any()):
+            return False
+    return True

@@ -59,9 +59,16 @@ def _open_folder(p: Path, allow_pickle: bool) -> Opened:
                       f"{DIFFUSERS_WEIGHTS[0]}", p)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # PEFT's own configs are a few KB; a bigger one is not an adapter config
+
+
 def _read_config(path: Path) -> dict:
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise FormatError(f"{PEFT_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes", path)
         config = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise FormatError(f"{PEFT_CONFIG} is nested too deeply", path) from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise FormatError(f"{PEFT_CONFIG} is not valid JSON ({exc})", path) from None
     if not isinstance(config, dict):

@@ -15,6 +15,7 @@ from loratools.formats import WriteOptions, codec_for
 from loratools.formats.writing import common_alpha
 from loratools.model import Lora, OutModule
 from loratools.ops.canonical import canonicalize, plan
+from loratools.ops.validate import check_writable
 
 STALE_KEYS = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
 
@@ -120,7 +121,8 @@ def alpha_warning(mods: list[OutModule], to: str, uniform: bool) -> str | None:
 
 def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, dtype: str | None = None,
                  overwrite: bool = False, operation: str = "convert", sync: bool = False,
-                 uniform_alpha: bool = False, kohya_names: str | None = None) -> ConvertResult:
+                 uniform_alpha: bool = False, kohya_names: str | None = None,
+                 allow_nonfinite: bool = False) -> ConvertResult:
     """Write ``lora`` as format ``to`` at ``dest``. Raises LoraToolsError (nothing written) on bad input.
 
     ``uniform_alpha`` (kohya and comfy targets): every module gets the most common alpha and its own scale ratio
@@ -135,9 +137,7 @@ def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, 
         raise UsageError(f"--uniform-alpha applies to {' and '.join(ALPHA_FORMATS)} outputs; {to} files "
                          "carry each module's scale already")
     start = time.perf_counter()
-    if lora.conflicts:
-        more = f" (and {len(lora.conflicts) - 1} more)" if len(lora.conflicts) > 1 else ""
-        raise LoraToolsError(f"the file contradicts itself: {lora.conflicts[0]}{more}", lora.path)
+    check_writable(lora, allow_nonfinite)
 
     def build(fam: Family) -> list[OutModule]:
         return plan(canonicalize(lora, fam), fam, kohya_names or codec.model_naming(fam))

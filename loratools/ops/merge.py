@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from loratools.errors import ShapeMismatch, UsageError
 from loratools.model import Lora, MemorySource, Module
+from loratools.ops.validate import check_writable
 from loratools.ops.lowrank import FactorSVD, check_rank, resolve_device, truncation
 from loratools.ops.resize import (Factors, RankRule, check_modules, cpu_threads, is_vector, lora_module,
                                   metadata_warnings, module_factors, output_lora, storage_dtype, summarize)
@@ -40,7 +41,7 @@ def default_key(m: Module) -> Hashable:
 def merge(items: list[tuple[Lora, float]], *, method: str = "concat", rank: int | None = None, dynamic=None,
           max_rank: int | None = None, lossy_rank: int | None = None, device="auto",
           allow_mixed_families: bool = False, dtype=None,
-          key: Callable[[Module], Hashable] | None = None) -> tuple[Lora, dict]:
+          key: Callable[[Module], Hashable] | None = None, allow_nonfinite: bool = False) -> tuple[Lora, dict]:
     """Merge LoRAs with weights into one: ``concat`` (exact, rank = Σ ranks) or ``svd`` (truncated).
 
     Args:
@@ -67,6 +68,7 @@ def merge(items: list[tuple[Lora, float]], *, method: str = "concat", rank: int 
     dev, out_dtype = resolve_device(device), storage_dtype(dtype)
     _check_families(items, allow_mixed_families)
     for lora, _ in items:
+        check_writable(lora, allow_nonfinite)
         check_modules(lora, lossy_rank)
     mem, modules, rows = MemorySource(), [], []
     with cpu_threads(dev):

@@ -19,6 +19,7 @@ from loratools.adapters import LoRA
 from loratools.errors import UsageError
 from loratools.io.reader import DTYPE_SIZES
 from loratools.model import Lora, MemorySource, Module
+from loratools.ops.validate import check_writable
 from loratools.ops.lowrank import (FactorSVD, check_rank, compute_dtype, dense_svd, parse_dynamic, resolve_device,
                                    select_rank, split_factors, truncation)
 from loratools.ops.threads import small_matrix_threads
@@ -261,7 +262,8 @@ def scale_alpha(scale: float, k: int, rslora: bool) -> float:
 
 
 def resize(lora: Lora, *, rank: int | None = None, dynamic=None, max_rank: int | None = None,
-           lossy_rank: int | None = None, device="auto", dtype=None) -> tuple[Lora, dict]:
+           lossy_rank: int | None = None, device="auto", dtype=None,
+           allow_nonfinite: bool = False) -> tuple[Lora, dict]:
     """Reduce every module to its best rank-k approximation (k fixed, or chosen per module).
 
     Args:
@@ -284,6 +286,7 @@ def resize(lora: Lora, *, rank: int | None = None, dynamic=None, max_rank: int |
     rule = RankRule.make(rank, dynamic, max_rank)
     lossy_rank = check_rank(lossy_rank, "lossy_rank")
     dev, out_dtype = resolve_device(device), storage_dtype(dtype)
+    check_writable(lora, allow_nonfinite)
     check_modules(lora, lossy_rank)
     mem, modules, rows = MemorySource(), [], []
     with cpu_threads(dev):

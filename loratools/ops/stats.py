@@ -29,10 +29,10 @@ def _singular_values(module: Module):
 
 
 def _finite(module: Module) -> tuple[bool, bool]:
-    """(has NaN or Inf, all factors zero) over the module's own tensors."""
+    """(has NaN or Inf, all factors zero) over the module's alpha and its own tensors."""
     import torch
 
-    bad, zero = False, True
+    bad, zero = module.alpha is not None and not math.isfinite(module.alpha), True
     for ref in module.adapter.tensors.values():
         t = ref.torch()
         if not t.is_floating_point():

@@ -1,0 +1,230 @@
+"""Hostile numbers and configs: every command ends with a result or one line and exit 2 (3 for a bug), never a
+traceback, a hang or a file full of NaN; a negative scale is converted exactly."""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import signal
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import load_file, save_file
+
+import loratools
+from loratools.cli import main
+from loratools.errors import LoraToolsError
+
+STEM = "lora_unet_down_blocks_0_attentions_0_proj_in"
+META = {"ss_base_model_version": "sd_v1"}
+
+
+def _kohya(path: Path, alpha=4.0, up=None, down=None, dtype=np.float16) -> Path:
+    rng = np.random.default_rng(0)
+    save_file({f"{STEM}.lora_down.weight": (rng.standard_normal((4, 320)) if down is None else down).astype(dtype),
+               f"{STEM}.lora_up.weight": (rng.standard_normal((320, 4)) if up is None else up).astype(dtype),
+               f"{STEM}.alpha": np.asarray(alpha, dtype=np.float32)}, str(path), META)
+    return path
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """The command as users run it: (exit code, the lines it printed)."""
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["loratools", *map(str, args)])
+        threshold = gc.get_threshold()
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        finally:
+            gc.unfreeze()
+            gc.set_threshold(*threshold)
+        out = capsys.readouterr()
+        return code, [line for line in (out.out + out.err).splitlines() if line.strip()]
+
+    return run
+
+
+def _refused(result, *words):
+    code, lines = result
+    assert code == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.mark.parametrize("to", ["kohya", "diffusers", "peft", "comfy"])
+def test_a_negative_scale_converts_exactly_to_every_target(tmp_path, to):
+    src = _kohya(tmp_path / "neg.safetensors", alpha=-2.0)
+    r = loratools.convert(src, to, tmp_path / f"out.{to}", family="sd1")
+    assert loratools.verify(src, r.output, rtol=1e-6, family="sd1").equal
+
+
+@pytest.mark.parametrize("case", ["nan alpha", "inf alpha", "huge alpha", "inf factor", "nan factor"])
+def test_non_finite_numbers_are_refused_by_every_writer_and_flagged_by_inspect(tmp_path, cli, case):
+    rng = np.random.default_rng(1)
+    up = rng.standard_normal((320, 4))
+    alpha = {"nan alpha": math.nan, "inf alpha": math.inf, "huge alpha": 1e39}.get(case, 4.0)
+    if case == "inf factor":
+        up[3, 1] = np.inf
+    if case == "nan factor":
+        up[0, 0] = np.nan
+    src = _kohya(tmp_path / "bad.safetensors", alpha=alpha, up=up, dtype=np.float32 if "alpha" in case else np.float16)
+    out = tmp_path / "out"
+    for args in (["convert", src, "--to", "diffusers", "-o", f"{out}/", "--family", "sd1"],
+                 ["resize", src, "--rank", "2", "-o", out / "r.safetensors", "--family", "sd1"],
+                 ["merge", src, src, "-o", out / "m.safetensors", "--family", "sd1"]):
+        _refused(cli(*args), "NaN or Inf", "down_blocks_0_attentions_0_proj_in", "--allow-nonfinite")
+    assert not out.exists()
+    code, lines = cli("inspect", "--stats", "--json", src)
+    assert code == 0
+    stats = json.loads("\n".join(lines))[0]["stats"]
+    assert stats["summary"]["nan_or_inf"] == 1
+    if case != "huge alpha":  # passed through on request, for forensics: the values arrive unchanged
+        assert cli("convert", src, "--to", "kohya", "-o", out / "k.safetensors", "--family", "sd1",
+                   "--allow-nonfinite")[0] == 0
+        got = load_file(str(out / "k.safetensors"))
+        assert not np.isfinite(np.concatenate([v.astype(np.float64).ravel() for v in got.values()])).all()
+
+
+@pytest.mark.parametrize("alpha,count", [(np.array([1.0, 2.0]), 2), (np.zeros((0,)), 0)])
+def test_an_alpha_that_is_not_one_number_names_the_module(tmp_path, cli, alpha, count):
+    src = _kohya(tmp_path / "a.safetensors", alpha=alpha)
+    for args in (["inspect", src], ["convert", src, "--to", "diffusers", "-o", tmp_path / "o.safetensors"]):
+        _refused(cli(*args), "down_blocks_0_attentions_0_proj_in", f"holds {count} values")
+
+
+def test_factors_that_do_not_fit_name_the_module_and_both_shapes(tmp_path, cli):
+    rng = np.random.default_rng(2)
+    src = _kohya(tmp_path / "m.safetensors", up=rng.standard_normal((320, 8)), down=rng.standard_normal((4, 320)))
+    _refused(cli("convert", src, "--to", "diffusers", "-o", tmp_path / "o.safetensors"),
+             "down_blocks_0_attentions_0_proj_in", "lora_down [4, 320]", "lora_up [320, 8]")
+
+
+def _peft_folder(path: Path, config: dict) -> Path:
+    path.mkdir()
+    rng = np.random.default_rng(3)
+    save_file({"base_model.model.down_blocks.0.attentions.0.proj_in.lora_A.weight": rng.standard_normal((4, 320))
+               .astype(np.float32),
+               "base_model.model.down_blocks.0.attentions.0.proj_in.lora_B.weight": rng.standard_normal((320, 4))
+               .astype(np.float32)}, str(path / "adapter_model.safetensors"))
+    (path / "adapter_config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("config,words", [
+    ({"r": 4, "lora_alpha": 1e308}, ["lora_alpha", "float32"]),
+    ({"r": 4, "lora_alpha": "eight"}, ["lora_alpha", "must be a number"]),
+    ('{"r": 4, "lora_alpha": NaN}', ["lora_alpha", "finite"]),
+    ({"r": 4, "lora_alpha": 8, "alpha_pattern": {"proj_in": "big"}}, ["alpha_pattern", "proj_in"]),
+    ({"r": 4, "lora_alpha": 8, "rank_pattern": ["proj_in", 4]}, ["rank_pattern", "list"]),
+    ({"r": 0, "lora_alpha": 8}, ["r must be an integer"]),
+    ({"r": 4.5, "lora_alpha": 8}, ["r must be an integer"]),
+    ({"r": 4, "lora_alpha": 8, "use_dora": "yes"}, ["use_dora", "true or false"]),
+    ({"r": 4, "lora_alpha": 8, "target_modules": [1, 2]}, ["target_modules"]),
+    ('{"r": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ["nested too deeply"]),
+])
+def test_peft_configs_are_checked_as_peft_types_them(tmp_path, cli, config, words):
+    folder = _peft_folder(tmp_path / "adapter", config)
+    _refused(cli("inspect", folder), "adapter_config.json", *words)
+
+
+def test_a_bug_is_one_line_with_its_own_exit_code(tmp_path, cli, monkeypatch):
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(loratools.api, "inspect", broken)
+    code, lines = cli("inspect", _kohya(tmp_path / "ok.safetensors"))
+    assert code == 3 and len(lines) == 1 and lines[0].startswith("loratools: internal error: ZeroDivisionError")
+    assert "--debug" in lines[0]
+    with pytest.raises(ZeroDivisionError):
+        cli("--debug", "inspect", tmp_path / "ok.safetensors")
+
+
+# --- property: arbitrary numbers and shapes, every operation -----------------------------------------------------
+
+@contextmanager
+def deadline(seconds: int):
+    """No case may hang: SIGALRM turns a stuck call into a failure."""
+    def stuck(*_):
+        raise TimeoutError(f"no result within {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, stuck)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -3.5, 1e-30, 6.5e4, 1e30, 1e39, math.inf, -math.inf, math.nan])
+DTYPES = st.sampled_from([np.float16, np.float32, np.float64])
+
+
+@st.composite
+def module(draw):
+    rank = draw(st.integers(0, 3))
+    up_rank = draw(st.sampled_from([rank, rank, rank + 1]))  # sometimes a mismatch
+    dtype = draw(DTYPES)
+    fill = draw(st.sampled_from(["random", "special", "zero"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+
+    def values(shape):
+        if fill == "zero":
+            return np.zeros(shape)
+        v = rng.standard_normal(shape)
+        if fill == "special" and v.size:
+            v.flat[draw(st.integers(0, v.size - 1))] = draw(SPECIAL)
+        return v
+
+    with np.errstate(over="ignore"):
+        down, up = values((rank, 8)).astype(dtype), values((8, up_rank)).astype(dtype)
+    alpha = draw(st.one_of(SPECIAL, st.floats(-100, 100), st.just(None)))
+    return down, up, alpha
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mods=st.lists(module(), min_size=1, max_size=3))
+def test_arbitrary_numbers_give_a_result_or_the_error_root(tmp_path, mods):
+    tensors = {}
+    for i, (down, up, alpha) in enumerate(mods):
+        stem = f"lora_unet_down_blocks_0_attentions_{i}_proj_in"
+        tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"] = down, up
+        if alpha is not None:
+            tensors[f"{stem}.alpha"] = np.asarray(alpha, dtype=np.float32)
+    src = tmp_path / "case.safetensors"
+    with np.errstate(over="ignore"):
+        save_file(tensors, str(src), META)
+    for n, run in enumerate([
+        lambda: loratools.inspect(src, stats=True),
+        *[lambda to=to: loratools.convert(src, to, tmp_path / f"o{n}.{to}", family="sd1", overwrite=True)
+          for to in ("kohya", "diffusers", "peft", "comfy")],
+        lambda: loratools.save(loratools.resize(src, rank=1)[0], tmp_path / "r.safetensors", family="sd1",
+                               overwrite=True),
+        lambda: loratools.save(loratools.merge([src, src])[0], tmp_path / "m.safetensors", family="sd1",
+                               overwrite=True),
+    ]):
+        try:
+            with deadline(30):
+                result = run()
+        except LoraToolsError:
+            continue
+        out = getattr(result, "output", None)
+        if out is not None and Path(out).is_file():
+            written = load_file(str(out))
+            assert all(np.isfinite(v.astype(np.float64)).all() for v in written.values()), out
+
+
+def test_a_rank_zero_module_is_refused(tmp_path, cli):
+    src = tmp_path / "r0.safetensors"
+    save_file({f"{STEM}.lora_down.weight": np.zeros((0, 320), np.float16),
+               f"{STEM}.lora_up.weight": np.zeros((320, 0), np.float16)}, str(src), META)
+    _refused(cli("convert", src, "--to", "diffusers", "-o", tmp_path / "o.safetensors"), "rank 0")
