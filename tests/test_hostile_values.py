@@ -228,3 +228,60 @@ def test_a_rank_zero_module_is_refused(tmp_path, cli):
     save_file({f"{STEM}.lora_down.weight": np.zeros((0, 320), np.float16),
                f"{STEM}.lora_up.weight": np.zeros((320, 0), np.float16)}, str(src), META)
     _refused(cli("convert", src, "--to", "diffusers", "-o", tmp_path / "o.safetensors"), "rank 0")
+
+
+def _sd1_base(path: Path) -> Path:
+    rng = np.random.default_rng(4)
+    save_file({"model.diffusion_model.input_blocks.1.1.proj_in.weight": rng.standard_normal((320, 320, 1, 1))
+               .astype(np.float16),
+               "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight":
+               rng.standard_normal((320, 768)).astype(np.float16)}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header byte", "length field", "not safetensors"])
+def test_hostile_base_checkpoints_for_bake_and_extract(tmp_path, cli, damage):
+    base = _sd1_base(tmp_path / "base.safetensors")
+    good = tmp_path / "good.safetensors"
+    good.write_bytes(base.read_bytes())
+    raw = bytearray(base.read_bytes())
+    if damage == "truncated":
+        raw = raw[: len(raw) - 1000]
+    elif damage == "header byte":
+        raw[20] = ord("{")
+    elif damage == "length field":
+        raw[:8] = (2**62).to_bytes(8, "little")
+    else:
+        raw = b"PK\x03\x04" + bytes(raw[4:])
+    base.write_bytes(bytes(raw))
+    lora = _kohya(tmp_path / "l.safetensors")
+    _refused(cli("bake", base, lora, "-o", tmp_path / "o.safetensors", "--family", "sd1"), "base.safetensors")
+    _refused(cli("extract", good, base, "-o", tmp_path / "x.safetensors", "--rank", "2", "--family", "sd1"),
+             "base.safetensors")
+    assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_hostile_lycoris_factors_name_the_module(tmp_path, cli):
+    rng = np.random.default_rng(5)
+    stem = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    src = tmp_path / "loha.safetensors"
+    save_file({f"{stem}.hada_w1_a": rng.standard_normal((320, 4)).astype(np.float16),
+               f"{stem}.hada_w1_b": rng.standard_normal((4, 320)).astype(np.float16),
+               f"{stem}.hada_w2_a": rng.standard_normal((320, 8)).astype(np.float16),
+               f"{stem}.hada_w2_b": rng.standard_normal((4, 320)).astype(np.float16),  # rank 8 vs 4
+               f"{stem}.alpha": np.asarray(4.0, np.float32)}, str(src), META)
+    _refused(cli("resize", src, "--rank", "2", "--lossy-rank", "4", "-o", tmp_path / "o.safetensors"),
+             "down_blocks_0_attentions_0_proj_in")
+
+
+def test_a_bad_file_in_a_parallel_batch_fails_alone(tmp_path, cli):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3):
+        _kohya(folder / f"ok{i}.safetensors")
+    (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    code, lines = cli("convert", folder, "--to", "diffusers", "-o", f"{tmp_path}/out/", "--jobs", "2")
+    assert code == 1, lines
+    assert [line for line in lines if "broken.safetensors" in line and "error" in line.lower()]
+    assert "Traceback" not in "\n".join(lines)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"ok{i}.diffusers.safetensors" for i in range(3)]

@@ -21,6 +21,13 @@ class GLoRA(Adapter):
         b1, b2 = self.t("glora_b1").shape, self.t("glora_b2").shape
         return b1[0] if b1[1] == b2[0] else b2[0]
 
+    def check(self) -> None:
+        a1, a2, b1, b2 = (tuple(self.t(f"glora_{n}").shape) for n in ("a1", "a2", "b1", "b2"))
+        if any(len(s) < 2 for s in (a1, a2, b1, b2)):
+            raise self._mismatch("every factor must be at least 2-D")
+        if not ((a1[1] == a2[0] and b1[1] == b2[0]) or (a2[1] == a1[0] and b2[1] == b1[0])):
+            raise self._mismatch("a1 @ a2 and b1 @ b2 must both be products")
+
     def scale(self, alpha: float | None, rslora: bool = False) -> float:
         r = self.rank
         return 1.0 if alpha is None or r == 0 else alpha / r

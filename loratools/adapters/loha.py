@@ -31,6 +31,27 @@ class LoHa(Adapter):
             return b[1]
         return None if len(b) < 2 else b[1]  # plain conv LoHa flattens in*kh*kw
 
+    def check(self) -> None:
+        shapes = {r: tuple(self.t(r).shape) for r in self.tensors}
+        if any(len(s) < 2 for r, s in shapes.items()):
+            raise self._mismatch("every factor must be at least 2-D")
+        outs = []
+        for i in (1, 2):
+            a, b = shapes[f"hada_w{i}_a"], shapes[f"hada_w{i}_b"]
+            if self.tucker:
+                t = shapes.get(f"hada_t{i}")
+                if t is None or len(t) != 4 or t[0] != a[0] or t[1] != b[0]:
+                    raise self._mismatch(f"hada_t{i} must be [r, r, kh, kw] matching hada_w{i}_a and _b")
+                outs.append((a[1], b[1], t[2:]))
+            else:
+                if a[1] != b[0]:
+                    raise self._mismatch(f"hada_w{i}_a has rank {a[1]}, hada_w{i}_b has rank {b[0]}")
+                outs.append((a[0], b[1:]))
+        if outs[0] != outs[1]:
+            raise self._mismatch("the two Hadamard factors have different shapes")
+        if self.rank < 1:
+            raise self._mismatch("rank 0: no factor to apply")
+
     def scale(self, alpha: float | None, rslora: bool = False) -> float:
         r = self.rank
         return 1.0 if alpha is None or r == 0 else alpha / r

@@ -54,6 +54,22 @@ class LoKr(Adapter):
         # A decomposed conv w2 flattens d*kh*kw, so this is then in*kh*kw (as other readers report it).
         return self._w1_shape()[1] * self._w2_shape()[1]
 
+    def check(self) -> None:
+        shapes = {r: tuple(self.t(r).shape) for r in self.tensors}
+        if any(len(s) < 2 for s in shapes.values()):
+            raise self._mismatch("every factor must be at least 2-D")
+        for w in ("lokr_w1", "lokr_w2"):
+            if self.has(f"{w}_a"):
+                a, b = shapes[f"{w}_a"], shapes[f"{w}_b"]
+                if w == "lokr_w2" and self.has("lokr_t2"):
+                    t = shapes["lokr_t2"]
+                    if len(t) != 4 or t[0] != a[0] or t[1] != b[0]:
+                        raise self._mismatch("lokr_t2 must be [r, r, kh, kw] matching lokr_w2_a and _b")
+                elif a[1] != b[0]:
+                    raise self._mismatch(f"{w}_a has rank {a[1]}, {w}_b has rank {b[0]}")
+                if min(a[1], b[0]) < 1:
+                    raise self._mismatch("rank 0: no factor to apply")
+
     def scale(self, alpha: float | None, rslora: bool = False) -> float:
         r = self.rank
         if alpha is None or r is None or r == 0:
