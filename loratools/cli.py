@@ -106,7 +106,7 @@ cli.add_command(extract)
 
 
 def main() -> None:
-    # numpy's OpenBLAS starts a thread per core that spins ~0.1 s after numpy is imported, in the middle of
+    # numpy's OpenBLAS starts a thread per core that spins for a while after numpy is imported, in the middle of
     # a conversion; loratools does no BLAS in numpy (torch brings its own), so it gets none.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # A command builds its model of a file once and keeps it to the end, so the collector's passes over those

@@ -94,7 +94,7 @@ def _one_line(r: dict) -> str:
 
 
 def _run(work: list[tuple], jobs: int, show: bool) -> list[dict]:
-    if not show or len(work) == 1:  # no bar to show: skip importing rich.progress (~50 ms)
+    if not show or len(work) == 1:  # no bar to show: skip importing rich.progress
         return _run_plain(work, jobs)
     from rich.progress import Progress
 

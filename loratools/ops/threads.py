@@ -27,8 +27,7 @@ def small_matrix_threads():
 def compute_threads():
     """Intra-op threads for a compute thread that runs beside a reader and a writer: one core fewer than the
     machine has. Idle OpenMP threads spin for a while after each product, so with a thread on every core they
-    take the cores the reader and writer need (a 6.9 GB bake on two cores: 25.6 s with two threads, 17-19 s
-    with one)."""
+    take the cores the reader and writer need (benchmarks/RESULTS.md, bake, has the measurements)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return _torch_threads(max(1, cpus - 1))
 
