@@ -157,9 +157,13 @@ def all_finite(raw, dtype: str) -> bool:
     if spec is None:
         return True
     bits = np.frombuffer(raw, dtype=spec[0])
-    mask = np.array(spec[1], dtype=bits.dtype)
+    mask = bits.dtype.type(spec[1])
+    masked = np.empty(min(bits.size, _CHUNK), dtype=bits.dtype)  # reused: no allocation per chunk
+    hits = np.empty(masked.size, dtype=bool)
     for start in range(0, bits.size, _CHUNK):
         piece = bits[start:start + _CHUNK]
-        if bool(np.equal(piece & mask, mask).any()):
+        n = piece.size
+        np.bitwise_and(piece, mask, out=masked[:n])
+        if np.equal(masked[:n], mask, out=hits[:n]).any():
             return False
     return True

@@ -9,28 +9,43 @@ import numpy as np
 
 from loratools.errors import FormatError
 from loratools.io.arrays import all_finite
+from loratools.io.spans import pread_into
 from loratools.model import Lora, Module
 
 FLOAT32_MAX = 3.4028234663852886e38  # alphas are written as float32 scalars
 
 
-def _finite(ref) -> bool:
-    raw = getattr(ref.source, "raw", None)
-    if raw is not None:  # a safetensors file: read the bits where they lie
-        return all_finite(raw(ref.key), ref.dtype)
-    values = ref.numpy()  # other sources (a loaded pickle, tensors in memory)
-    return not np.issubdtype(values.dtype, np.floating) or bool(np.isfinite(values).all())
+class _Bits:
+    """Reads stored tensors with pread into one reused buffer: mapping them instead would bring every page of the
+    file into this process's resident memory (the writers copy those bytes file to file and never read them)."""
+
+    def __init__(self):
+        self.buf = bytearray()
+
+    def finite(self, ref) -> bool:
+        src = ref.source
+        header = getattr(src, "header", None)
+        if header is None or not hasattr(src, "fileno"):  # a loaded pickle, tensors in memory
+            values = ref.numpy()
+            return not np.issubdtype(values.dtype, np.floating) or bool(np.isfinite(values).all())
+        info = header.tensors[ref.key]
+        if len(self.buf) < info.nbytes:
+            self.buf = bytearray(info.nbytes)
+        view = memoryview(self.buf)[: info.nbytes]
+        pread_into(src, header.data_start + info.begin, view)
+        return all_finite(view, ref.dtype)
 
 
-def nonfinite(m: Module) -> str | None:
+def nonfinite(m: Module, bits: _Bits | None = None) -> str | None:
     """What is not finite in ``m`` (its alpha or a stored tensor), or None."""
+    bits = bits or _Bits()
     if m.alpha is not None and not (math.isfinite(m.alpha) and abs(m.alpha) <= FLOAT32_MAX):
         return f"alpha {m.alpha!r}"
     refs = dict(m.adapter.tensors)
     if m.magnitude is not None:
         refs["dora_scale"] = m.magnitude
     for role, ref in refs.items():
-        if not _finite(ref):
+        if not bits.finite(ref):
             return f"NaN/Inf in {role}"
     return None
 
@@ -47,7 +62,8 @@ def check_writable(lora: Lora, allow_nonfinite: bool = False) -> None:
         raise FormatError(f"module {lora.rejected[0]}{more}; nothing written", lora.path)
     if allow_nonfinite:
         return
-    bad = [(m.name, why) for m in lora.modules if (why := nonfinite(m)) is not None]
+    bits = _Bits()
+    bad = [(m.name, why) for m in lora.modules if (why := nonfinite(m, bits)) is not None]
     if bad:
         shown = ", ".join(f"{name} ({why})" for name, why in bad[:3])
         raise FormatError(f"{len(bad)} module{'s hold' if len(bad) > 1 else ' holds'} NaN or Inf: {shown}"
