@@ -432,3 +432,27 @@ def _canonical_targets(lora: Lora) -> None:
         canonicalize(lora, get_family(lora.family.id), lora_only=False)
     except LoraToolsError:
         pass  # no table for the family, or names outside it: modules match by (component, name)
+
+
+def scan(paths, catalogue: str | os.PathLike | None = None, *, hashes: bool = False, jobs: int = 1) -> list[dict]:
+    """Inventory LoRAs, adapter folders and checkpoints under ``paths`` (torch-free): one record per file.
+
+    With ``catalogue`` (a ``.jsonl`` path) unchanged files (same size and mtime) keep their old records and the
+    catalogue is rewritten with the result. Summarise with ``summarize_catalogue``.
+
+    Example:
+        >>> records = loratools.scan(["loras/"], "catalogue.jsonl", hashes=True)
+        >>> loratools.summarize_catalogue(records)["duplicates"]
+    """
+    from loratools import catalogue as cat
+
+    return cat.scan([paths] if isinstance(paths, (str, os.PathLike)) else paths, catalogue, hashes=hashes,
+                    jobs=jobs)
+
+
+def summarize_catalogue(records: list[dict]) -> dict:
+    """Files per family and format, adapter types, size, duplicates, broken and contradictory files."""
+    from loratools.catalogue import summarize
+
+    return summarize(records)
+

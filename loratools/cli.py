@@ -99,6 +99,10 @@ from loratools.cli_ops import merge, resize  # noqa: E402
 cli.add_command(resize)
 cli.add_command(merge)
 
+from loratools.cli_scan import scan  # noqa: E402
+
+cli.add_command(scan)
+
 from loratools.cli_bake import bake, extract  # noqa: E402
 
 cli.add_command(bake)

@@ -23,8 +23,10 @@ ALLOWED = {
     "metadata": {"io"},
     "summary": {"io", "metadata", "model"},
     "report": {"io", "model", "metadata", "summary"},
-    "api": {"ops", "formats", "adapters", "model", "io", "families", "summary", "report", "metadata"},
-    "cli": {"api", "cli_ops", "cli_bake", "cli_convert", "io", "summary", "report", "metadata"},
+    "api": {"ops", "formats", "adapters", "model", "io", "families", "summary", "report", "metadata", "catalogue"},
+    "catalogue": {"api", "ops", "io", "families"},
+    "cli": {"api", "cli_ops", "cli_bake", "cli_convert", "cli_scan", "io", "summary", "report", "metadata",
+            "catalogue"},
 }
 LEAVES = {"errors", "_version"}
 

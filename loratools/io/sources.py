@@ -33,7 +33,8 @@ def open_lora(path: str | os.PathLike, allow_pickle: bool = False) -> Opened:
         return _open_folder(p, allow_pickle)
     if not p.exists():
         raise LoraToolsError("no such file or folder", p)
-    if p.suffix.lower() in PICKLE_SUFFIXES or (p.suffix != ".safetensors" and p.is_file() and looks_pickled(p)):
+    # a pickle under any name (a renamed .ckpt is a common way to smuggle one in) gets the pickle rules
+    if p.suffix.lower() in PICKLE_SUFFIXES or (p.is_file() and looks_pickled(p)):
 
         src = load_pickled(p, allow_pickle)
         return Opened(str(p), str(p), src, None, p.stat().st_size)

@@ -1,0 +1,236 @@
+"""An inventory of a LoRA collection: one record per file (what ``inspect --json`` says, plus size, mtime, hashes
+when asked, and the file's problems), kept in a JSON-lines catalogue that a rerun updates incrementally, and a
+summary: files per family and format, duplicates by content, broken files, metadata that contradicts the keys.
+
+Torch is never imported: records come from headers, and checkpoints are told apart from LoRAs by their keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from loratools.errors import LoraToolsError
+from loratools.io.atomic import atomic_file
+from loratools.io.pickled import is_pickle_path
+from loratools.io.sources import DIFFUSERS_WEIGHTS, PEFT_CONFIG, peft_bundle
+
+RECORD_VERSION = 1  # bumped when a record's fields change: older records are then read again
+
+
+def walk(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
+    """Every LoRA-like file and adapter folder under ``paths``, each once: symlinked folders are followed, but a
+    folder already seen (a loop, or two links to one place) is not walked again."""
+    seen_dirs: set[tuple[int, int]] = set()
+    seen_files: set[str] = set()
+
+    def emit(p: str) -> Iterator[str]:
+        real = os.path.realpath(p)
+        if real not in seen_files:
+            seen_files.add(real)
+            yield p
+
+    for raw in paths:
+        root = os.fspath(raw)
+        if not os.path.isdir(root):
+            yield from emit(root)
+            continue
+        for folder, dirs, files in os.walk(root, followlinks=True):
+            st = os.stat(folder)
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                dirs[:] = []
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
+            dirs.sort()
+            if PEFT_CONFIG in files or peft_bundle(folder) or any(w in files for w in DIFFUSERS_WEIGHTS):
+                yield from emit(folder)
+                dirs[:] = []
+                continue
+            for name in sorted(files):
+                if name.endswith(".safetensors") or is_pickle_path(name):
+                    yield from emit(os.path.join(folder, name))
+
+
+def _stat(path: str) -> tuple[int, int]:
+    """(size, mtime in ns) of a file, or of an adapter folder's newest entry and total size."""
+    if not os.path.isdir(path):
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    size, mtime = 0, os.stat(path).st_mtime_ns
+    for folder, _, files in os.walk(path):
+        for name in files:
+            st = os.stat(os.path.join(folder, name))
+            size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+    return size, mtime
+
+
+def _contradictions(info: dict) -> list[str]:
+    """What a LoRA's training metadata says that its tensors do not."""
+    meta = info.get("metadata") or {}
+    out = []
+    rank = info.get("rank") or {}
+    dim = meta.get("ss_network_dim")
+    if dim and str(dim).isdigit() and rank.get("values") and str(int(dim)) not in rank["values"]:
+        out.append(f"ss_network_dim {dim}, but the tensors have rank {rank.get('common')}")
+    alpha = meta.get("ss_network_alpha")
+    alphas = (info.get("alpha") or {}).get("values") or {}
+    try:
+        if alpha is not None and alphas and float(alpha) not in {float(a) for a in alphas}:
+            out.append(f"ss_network_alpha {alpha}, but the stored alphas are {', '.join(sorted(alphas))}")
+    except ValueError:
+        out.append(f"ss_network_alpha {alpha!r} is not a number")
+    for claim in (info.get("family") or {}).get("metadata_claims", []):
+        if claim.get("agrees") is False:
+            out.append(f"{claim['key']}={claim['value']} claims {claim['family']}; the keys say "
+                       f"{info['family']['id']}")
+    return out
+
+
+def _checkpoint(path: str) -> dict | None:
+    """A record for a base checkpoint (not a LoRA), or None when the file is not one either."""
+    from loratools.io.checkpoints import open_base
+    from loratools.ops.placement import base_family
+
+    try:
+        with open_base(path) as base:
+            fid, fits, how = base_family(base)
+            return {"kind": "checkpoint", "family": fid, "candidates": list(fits), "told_by": how or None,
+                    "tensors": sum(len(f.header.tensors) for f in base.files)}
+    except LoraToolsError:
+        return None
+
+
+def inspect_one(path: str, hashes: bool = False) -> dict:
+    """The catalogue record of one path; problems become ``error`` (one line), never an exception."""
+    from loratools import api
+
+    size, mtime = _stat(path)
+    record: dict = {"path": path, "size": size, "mtime_ns": mtime, "version": RECORD_VERSION, "kind": None,
+                    "error": None, "problems": []}
+    if is_pickle_path(path):
+        record.update(kind="pickle", error="pickled file: not read (convert it to safetensors, or inspect it with "
+                                           "--allow-pickle)")
+        return record
+    try:
+        info = api.inspect(path, hashes=hashes, metadata=False)
+    except LoraToolsError as exc:
+        ckpt = _checkpoint(path) if "not a LoRA" in exc.message or "no usable module" in exc.message else None
+        if ckpt is not None:
+            record.update(ckpt)
+            if hashes and not os.path.isdir(path):
+                from loratools.io.hashing import file_hashes
+
+                record["hashes"] = file_hashes(path, None)
+        else:
+            record.update(kind="broken", error=exc.message)
+        return record
+    record.update(kind="lora", info=info, problems=_contradictions(info))
+    if hashes:
+        record["hashes"] = info.get("hashes")
+    return record
+
+
+def _safe_one(args: tuple[str, bool]) -> dict:
+    path, hashes = args
+    try:
+        return inspect_one(path, hashes)
+    except OSError as exc:  # vanished or unreadable between the walk and the read
+        return {"path": path, "kind": "broken", "error": f"cannot read ({exc.strerror or exc})", "problems": [],
+                "version": RECORD_VERSION}
+
+
+def read_catalogue(path: str | os.PathLike) -> dict[str, dict]:
+    """Records of an existing catalogue by path (lines that are not records are skipped)."""
+    out: dict[str, dict] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(rec, dict) and isinstance(rec.get("path"), str):
+                    out[rec["path"]] = rec
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise LoraToolsError(f"cannot read the catalogue ({exc.strerror or exc})", path) from None
+    return out
+
+
+def _unchanged(old: dict | None, path: str, hashes: bool) -> bool:
+    if old is None or old.get("version") != RECORD_VERSION or (hashes and old.get("kind") != "broken"
+                                                               and not old.get("hashes")):
+        return False
+    try:
+        return (old.get("size"), old.get("mtime_ns")) == _stat(path)
+    except OSError:
+        return False
+
+
+def scan(paths: Iterable[str | os.PathLike], catalogue: str | os.PathLike | None = None, *, hashes: bool = False,
+         jobs: int = 1) -> list[dict]:
+    """Records for every LoRA-like file under ``paths`` (see ``inspect_one``). With ``catalogue`` (a .jsonl path),
+    files whose size and mtime did not change keep their old record, and the catalogue is rewritten atomically
+    with the new records (files that are gone are dropped)."""
+    files = list(walk(paths))
+    old = read_catalogue(catalogue) if catalogue is not None else {}
+    todo = [p for p in files if not _unchanged(old.get(p), p, hashes)]
+    fresh: dict[str, dict] = {}
+    if jobs > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(max_workers=jobs) as pool:
+            for rec in pool.map(_safe_one, [(p, hashes) for p in todo], chunksize=16):
+                fresh[rec["path"]] = rec
+    else:
+        for p in todo:
+            fresh[p] = _safe_one((p, hashes))
+    records = [fresh.get(p) or {**old[p], "reused": True} for p in files]
+    if catalogue is not None:
+        write_catalogue(catalogue, records)
+    return records
+
+
+def write_catalogue(path: str | os.PathLike, records: list[dict]) -> None:
+    lines = "".join(json.dumps({k: v for k, v in r.items() if k != "reused"}, ensure_ascii=False) + "\n"
+                    for r in records).encode("utf-8")
+    with atomic_file(path, overwrite=True) as fd:
+        view = memoryview(lines)
+        while view:
+            view = view[os.write(fd, view):]
+
+
+def summarize(records: list[dict]) -> dict:
+    """Counts per family × format, adapter types, size, duplicates by content hash, broken and contradictory
+    files."""
+    by_family_format: Counter = Counter()
+    adapters: Counter = Counter()
+    kinds: Counter = Counter()
+    by_content: dict[str, list[str]] = defaultdict(list)
+    for r in records:
+        kinds[r.get("kind") or "unknown"] += 1
+        info = r.get("info")
+        if info:
+            by_family_format[f"{info['family']['id']} / {info['format']}"] += 1
+            adapters.update(info.get("adapters") or {})
+        content = (r.get("hashes") or {}).get("addnet") or (r.get("hashes") or {}).get("sha256")
+        if content:
+            by_content[content].append(r["path"])
+    return {
+        "files": len(records), "kinds": dict(kinds), "size_bytes": sum(r.get("size") or 0 for r in records),
+        "family_format": dict(by_family_format.most_common()), "adapters": dict(adapters.most_common()),
+        "duplicates": [sorted(paths) for paths in by_content.values() if len(paths) > 1],
+        "broken": [{"path": r["path"], "error": r["error"]} for r in records if r.get("kind") in ("broken", "pickle")],
+        "contradictions": [{"path": r["path"], "problems": r["problems"]} for r in records if r.get("problems")],
+        "reused": sum(1 for r in records if r.get("reused")),
+    }
+
+
+def catalogue_path(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.suffix != ".jsonl":
+        raise LoraToolsError("the catalogue is a .jsonl file (one JSON record per line)", p)
+    return p
