@@ -1,4 +1,4 @@
-"""Round trips between our safetensors reader/writer (io.reader, io.writer, io.spans) and the reference library, and pickled checkpoints."""
+"""Round trips between our safetensors reader/writer (io.header, io.reader, io.writer, io.spans) and the reference library, and pickled checkpoints."""
 
 from __future__ import annotations
 
@@ -492,7 +492,7 @@ def test_reader_interface(tmp_path):
 
 
 def test_module_does_not_import_torch():
-    code = ("import loratools.io.reader, loratools.io.writer, loratools.io.spans, loratools.io.atomic, "
+    code = ("import loratools.io.header, loratools.io.reader, loratools.io.writer, loratools.io.spans, loratools.io.atomic, "
             "loratools.io.pickled, sys; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

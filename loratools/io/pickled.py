@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from loratools.errors import HeaderError, LoraToolsError, UnsafeFileError
-from loratools.io.reader import TORCH_DTYPES, TensorInfo, check_regular_file, quote_name
+from loratools.io.header import TORCH_DTYPES, TensorInfo, check_regular_file, quote_name
 
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin"})
 
