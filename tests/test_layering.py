@@ -36,6 +36,8 @@ def _layer(module: str) -> str:
     if parts == ["loratools"]:
         return "api"  # the package's __init__ is the API
     name = parts[1]
+    if name.startswith("api_"):
+        return "api"  # the API's own modules (api_checkpoints: bake and extract)
     return "cli" if name.startswith("cli") or name == "__main__" else name
 
 
