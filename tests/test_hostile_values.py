@@ -121,6 +121,7 @@ def _peft_folder(path: Path, config: dict) -> Path:
 
 @pytest.mark.parametrize("config,words", [
     ({"r": 4, "lora_alpha": 1e308}, ["lora_alpha", "float32"]),
+    ('{"r": 4, "lora_alpha": 1' + "0" * 400 + "}", ["lora_alpha", "float32"]),  # an integer beyond float64
     ({"r": 4, "lora_alpha": "eight"}, ["lora_alpha", "must be a number"]),
     ('{"r": 4, "lora_alpha": NaN}', ["lora_alpha", "finite"]),
     ({"r": 4, "lora_alpha": 8, "alpha_pattern": {"proj_in": "big"}}, ["alpha_pattern", "proj_in"]),
@@ -134,6 +135,37 @@ def _peft_folder(path: Path, config: dict) -> Path:
 def test_peft_configs_are_checked_as_peft_types_them(tmp_path, cli, config, words):
     folder = _peft_folder(tmp_path / "adapter", config)
     _refused(cli("inspect", folder), "adapter_config.json", *words)
+
+
+def test_a_backtracking_pattern_key_is_refused_in_bounded_time(tmp_path, cli, monkeypatch):
+    """Pattern keys are regular expressions: '(a+)+b' against a name of 40 'a's backtracks for longer than anyone
+    waits with re; matching stops at the config's budget and says which key."""
+    from loratools.formats import peft_config
+
+    monkeypatch.setattr(peft_config, "MATCH_BUDGET_S", 0.5)
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    name = "a" * 40
+    save_file({f"base_model.model.{name}.lora_A.weight": np.ones((2, 8), np.float32),
+               f"base_model.model.{name}.lora_B.weight": np.ones((8, 2), np.float32)},
+              str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 2, "lora_alpha": 4,
+                                                            "alpha_pattern": {"(a|aa)+(a+)+b": 8}}))
+    with deadline(20):
+        _refused(cli("inspect", folder), "alpha_pattern", "(a|aa)+(a+)+b", "too long")
+
+
+def test_pattern_keys_match_as_peft_matches_them():
+    from peft.utils.other import get_pattern_key
+
+    from loratools.formats.peft_config import LoraConfig
+
+    patterns = {"proj_in": 8, "^unet\\.mid.*": 2, "attn[12]\\.to_(k|v)": 4, "(": 1}
+    cfg = LoraConfig.from_dict({"r": 4, "lora_alpha": 16, "alpha_pattern": patterns})
+    for name in ["down_blocks.0.attentions.0.proj_in", "unet.mid_block.proj_out", "x.attn2.to_v", "x.attn2.to_q",
+                 "proj_in_extra", "("]:
+        peft = patterns.get(get_pattern_key([k for k in patterns if k != "("], name), 16)
+        assert cfg.alpha_for(name) == (1 if name == "(" else peft), name  # an invalid expression names itself
 
 
 def test_a_bug_is_one_line_with_its_own_exit_code(tmp_path, cli, monkeypatch):
@@ -150,11 +182,15 @@ def test_a_bug_is_one_line_with_its_own_exit_code(tmp_path, cli, monkeypatch):
 
 # --- property: arbitrary numbers and shapes, every operation -----------------------------------------------------
 
+class Stuck(BaseException):
+    """A call that did not return in time (a BaseException: no handler in the code under test may take it)."""
+
+
 @contextmanager
 def deadline(seconds: int):
     """No case may hang: SIGALRM turns a stuck call into a failure."""
     def stuck(*_):
-        raise TimeoutError(f"no result within {seconds} s")
+        raise Stuck(f"no result within {seconds} s")
 
     old = signal.signal(signal.SIGALRM, stuck)
     signal.alarm(seconds)

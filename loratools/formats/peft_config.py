@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import math
-import re
+import time
 from dataclasses import dataclass, field
 
 from loratools.errors import FormatError
 
 FLOAT32_MAX = 3.4028234663852886e38  # alphas are written as float32 .alpha tensors
 MAX_RANK = 1 << 20
+# Pattern keys are regular expressions from the file: a backtracking one can take longer than the universe to
+# match a 40-character name. Matching them all for one config may take this long, then the config is refused.
+MATCH_BUDGET_S = 5.0
 
 _COMPONENT_PREFIXES = {"model": ("unet", "transformer"), "te1": ("text_encoder",),
                        "te2": ("text_encoder_2",), "te3": ("text_encoder_3",)}
@@ -29,6 +32,8 @@ class LoraConfig:
     use_rslora: bool = False
     use_dora: bool = False
     raw: dict = field(default_factory=dict)
+    where: str = "adapter_config.json"
+    _matching: float = 0.0  # seconds spent matching patterns so far
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "adapter_config.json") -> LoraConfig:
@@ -36,13 +41,30 @@ class LoraConfig:
         check_config(d, where)
         return cls(r=d.get("r"), lora_alpha=d.get("lora_alpha"), rank_pattern=d.get("rank_pattern") or {},
                    alpha_pattern=d.get("alpha_pattern") or {}, use_rslora=bool(d.get("use_rslora")),
-                   use_dora=bool(d.get("use_dora")), raw=d)
+                   use_dora=bool(d.get("use_dora")), raw=d, where=where)
 
     def rank_for(self, name: str) -> int | None:
-        return _pattern_value(self.rank_pattern, name, self.r)
+        return self._pattern_value("rank_pattern", self.rank_pattern, name, self.r)
 
     def alpha_for(self, name: str) -> float | None:
-        return _pattern_value(self.alpha_pattern, name, self.lora_alpha)
+        return self._pattern_value("alpha_pattern", self.alpha_pattern, name, self.lora_alpha)
+
+    def _pattern_value(self, field_name: str, patterns: dict, name: str, default):
+        """PEFT's rule: the first pattern matching the end of the module path wins; '^' anchors it. Matched
+        within the config's time budget (``MATCH_BUDGET_S``); a pattern that exhausts it is a one-line error."""
+        for pattern in patterns:
+            left = MATCH_BUDGET_S - self._matching
+            start = time.perf_counter()
+            try:
+                hit = _matches(pattern, name, max(left, 1e-3))
+            except TimeoutError:
+                raise FormatError(f"{self.where}: {field_name}[{json.dumps(pattern)[:60]}] takes too long to "
+                                  "match (a regular expression that backtracks without end)") from None
+            finally:
+                self._matching += time.perf_counter() - start
+            if hit:
+                return patterns[pattern]
+        return default
 
 
 def _is_number(v) -> bool:
@@ -58,8 +80,12 @@ def _rank_problem(v) -> str | None:
 def _alpha_problem(v) -> str | None:
     if not _is_number(v):
         return f"must be a number, not {json.dumps(v)[:40]}"
-    if not math.isfinite(v) or abs(v) > FLOAT32_MAX:
-        return f"must be a finite number within float32's range, not {v!r}"
+    try:
+        finite = math.isfinite(v) and abs(float(v)) <= FLOAT32_MAX
+    except OverflowError:  # an integer beyond float64 (JSON integers have no size limit)
+        finite = False
+    if not finite:
+        return f"must be a finite number within float32's range, not {str(v)[:40]}"
     return None
 
 
@@ -91,19 +117,18 @@ def check_config(d: dict, where: str) -> None:
         fail("target_modules", "must be a string or a list of strings")
 
 
-def _pattern_value(patterns: dict, name: str, default):
-    """PEFT's rule: the first pattern matching the end of the module path wins; '^' anchors it."""
-    for pattern, value in patterns.items():
-        try:
-            if pattern.startswith("^"):
-                hit = re.fullmatch(pattern[1:], name)
-            else:
-                hit = re.match(rf"(.*\.)?({pattern})$", name)
-        except re.error:
-            hit = pattern == name
-        if hit:
-            return value
-    return default
+def _matches(pattern: str, name: str, timeout: float) -> bool:
+    r"""Whether ``pattern`` names module ``name`` as PEFT matches it (``re.match(rf"(.*\.)?({pattern})$")``;
+    ``^`` anchors at the start); an invalid expression names only itself. Through the ``regex`` package, whose
+    matches take a timeout (``re``'s cannot be stopped): TimeoutError when it runs out."""
+    import regex
+
+    try:
+        if pattern.startswith("^"):
+            return regex.fullmatch(pattern[1:], name, timeout=timeout) is not None
+        return regex.match(rf"(.*\.)?({pattern})$", name, timeout=timeout) is not None
+    except regex.error:
+        return pattern == name
 
 
 @dataclass
