@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -16,22 +17,28 @@ from typing import Iterable, Iterator
 
 from loratools.errors import LoraToolsError
 from loratools.io.atomic import atomic_file
-from loratools.io.pickled import is_pickle_path
+from loratools.io.pickled import PICKLE_SUFFIXES
 from loratools.io.sources import DIFFUSERS_WEIGHTS, PEFT_CONFIG, peft_bundle
+from loratools.record_memo import RecordMemo
 
 RECORD_VERSION = 1  # bumped when a record's fields change: older records are then read again
 
 
 def walk(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
     """Every LoRA-like file and adapter folder under ``paths``, each once: symlinked folders are followed, but a
-    folder already seen (a loop, or two links to one place) is not walked again."""
+    folder already seen (a loop, or two links to one place) is not walked again, and a file reached twice (a
+    link, or a root inside another) is listed once."""
     seen_dirs: set[tuple[int, int]] = set()
-    seen_files: set[str] = set()
+    seen_files: set = set()
 
     def emit(p: str) -> Iterator[str]:
-        real = os.path.realpath(p)
-        if real not in seen_files:
-            seen_files.add(real)
+        try:
+            st = os.stat(p)
+            key: object = (st.st_dev, st.st_ino)  # cheaper than realpath, which looks at every component
+        except OSError:
+            key = p  # listed, to be reported as unreadable
+        if key not in seen_files:
+            seen_files.add(key)
             yield p
 
     for raw in paths:
@@ -51,16 +58,21 @@ def walk(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
                 dirs[:] = []
                 continue
             for name in sorted(files):
-                if name.endswith(".safetensors") or is_pickle_path(name):
+                if name.endswith(".safetensors") or _pickle_name(name):
                     yield from emit(os.path.join(folder, name))
+
+
+def _pickle_name(path: str) -> bool:
+    """``is_pickle_path`` without building a Path (the same suffix rule: a leading dot starts no suffix)."""
+    return os.path.splitext(path)[1].lower() in PICKLE_SUFFIXES
 
 
 def _stat(path: str) -> tuple[int, int]:
     """(size, mtime in ns) of a file, or of an adapter folder's newest entry and total size."""
-    if not os.path.isdir(path):
-        st = os.stat(path)
+    st = os.stat(path)
+    if not stat.S_ISDIR(st.st_mode):
         return st.st_size, st.st_mtime_ns
-    size, mtime = 0, os.stat(path).st_mtime_ns
+    size, mtime = 0, st.st_mtime_ns
     for folder, _, files in os.walk(path):
         for name in files:
             st = os.stat(os.path.join(folder, name))
@@ -104,6 +116,15 @@ def _checkpoint(path: str) -> dict | None:
         return None
 
 
+def _inspect(path: str) -> dict:
+    from loratools import api
+
+    return api.inspect(path, metadata=False)
+
+
+_MEMO = RecordMemo()  # per process: each worker of a parallel scan keeps its own
+
+
 def inspect_one(path: str, hashes: bool = False) -> dict:
     """The catalogue record of one path; problems become ``error`` (one line), never an exception."""
     from loratools import api
@@ -111,12 +132,15 @@ def inspect_one(path: str, hashes: bool = False) -> dict:
     size, mtime = _stat(path)
     record: dict = {"path": path, "size": size, "mtime_ns": mtime, "version": RECORD_VERSION, "kind": None,
                     "error": None, "problems": []}
-    if is_pickle_path(path):
+    if _pickle_name(path):
         record.update(kind="pickle", error="pickled file: not read (convert it to safetensors, or inspect it with "
                                            "--allow-pickle)")
         return record
     try:
-        info = api.inspect(path, hashes=hashes, metadata=False)
+        if hashes or os.path.isdir(path):
+            info = api.inspect(path, hashes=hashes, metadata=False)
+        else:
+            info = _MEMO.inspect(path, _inspect)
     except LoraToolsError as exc:
         ckpt = _checkpoint(path) if "not a LoRA" in exc.message or "no usable module" in exc.message else None
         if ckpt is not None:
@@ -183,7 +207,7 @@ def scan(paths: Iterable[str | os.PathLike], catalogue: str | os.PathLike | None
     fresh: dict[str, dict] = {}
     if jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for rec in pool.map(_safe_one, [(p, hashes) for p in todo], chunksize=16):
+            for rec in pool.map(_safe_one, [(p, hashes) for p in todo], chunksize=64):
                 fresh[rec["path"]] = rec
     else:
         for p in todo:

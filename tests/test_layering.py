@@ -24,7 +24,8 @@ ALLOWED = {
     "summary": {"io", "metadata", "model"},
     "report": {"io", "model", "metadata", "summary"},
     "api": {"ops", "formats", "adapters", "model", "io", "families", "summary", "report", "metadata", "catalogue"},
-    "catalogue": {"api", "ops", "io", "families"},
+    "catalogue": {"api", "ops", "io", "families", "record_memo"},
+    "record_memo": {"io", "families"},
     "cli": {"api", "cli_ops", "cli_bake", "cli_convert", "cli_scan", "io", "summary", "report", "metadata",
             "catalogue"},
 }

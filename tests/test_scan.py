@@ -130,6 +130,16 @@ def test_a_rerun_reads_only_what_changed(collection, tmp_path):
     assert not any(r.get("reused") for r in loratools.scan([work], cat, hashes=True) if r["kind"] == "lora")
 
 
+def test_every_lora_record_is_what_inspect_says(collection):
+    """Without --hash, records of files that share a structure come from the memo (in each worker with jobs=2)."""
+    root, expected, _ = collection
+    records = loratools.scan([root], jobs=2)
+    loras = [r for r in records if r["kind"] == "lora"]
+    assert len(loras) >= 500
+    for r in loras:
+        assert r["info"] == loratools.inspect(r["path"]), r["path"]
+
+
 def test_parallel_scan_gives_the_same_records(collection):
     root, _, _ = collection
     one = loratools.scan([root / "wan21", root / "broken"])
@@ -168,3 +178,124 @@ def test_cli_summary(collection, tmp_path):
     assert out.returncode == 0, out.stderr
     summary = json.loads(out.stdout)
     assert summary["files"] == 4 and len(summary["broken"]) == 3 and summary["contradictions"]
+
+
+# --- records of files that share a structure (the memo in loratools/record_memo.py) ---------------------------
+
+KOHYA_METADATA = Path(__file__).resolve().parents[1] / "fixtures" / "layouts" / "metadata"
+
+
+def _set_alphas(path: Path, value: float) -> None:
+    """Rewrite every .alpha tensor of a file in place (same structure, other values)."""
+    import numpy as np
+
+    from loratools.io.reader import read_header
+
+    header = read_header(path)
+    with open(path, "r+b") as f:
+        for t in header.tensors.values():
+            if t.name.endswith(".alpha"):
+                f.seek(header.data_start + t.begin)
+                f.write(np.full(t.numel, value, {"F16": np.float16, "F32": np.float32}[t.dtype]).tobytes())
+
+
+def _edit_header(src: Path, dest: Path, old: str, new: str, count: int = 1) -> Path:
+    """A copy of ``src`` whose header text has ``old`` replaced (the data region unchanged)."""
+    data = src.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    text = data[8:8 + n].decode("utf-8")
+    assert old in text, old
+    raw = text.replace(old, new, count).encode("utf-8")
+    dest.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n:])
+    return dest
+
+
+def _expected(path: Path) -> tuple[str, object]:
+    try:
+        return "lora", loratools.inspect(path)
+    except loratools.errors.LoraToolsError as exc:
+        return "broken", exc.message
+
+
+def test_files_sharing_a_structure_get_inspects_own_records(tmp_path):
+    """Same tensors, other alphas, other metadata (decisive or not), and headers that differ from a valid one in
+    ways only the strict reader judges: every record is what inspect says."""
+    from loratools import catalogue
+
+    name, keep = TEMPLATES[0]
+    lay = _subset(name, keep)
+    kohya = json.loads((KOHYA_METADATA / "kohya_sdxl_lora_metadata__civitai-seed.json").read_text())["metadata"]
+    base = synthesize(name, tmp_path / "a000.safetensors", seed=0, layout_data=lay, metadata=kohya)
+    one = synthesize(name, tmp_path / "one.safetensors", seed=0, rank=1, layout_data=lay, metadata={"a": "b"})
+    made = [base]
+    for i, meta in enumerate([{**kohya, "ss_output_name": "other", "modelspec.date": "2023-01-02"},  # irrelevant
+                              {**kohya, "ss_base_model_version": "sd_v1"},  # a claim the keys contradict
+                              {**kohya, "modelspec.architecture": "flux-1-dev/lora"},
+                              {"<s1>": "<embed>"}, {}, {"x": "\\ud800 escaped text"}], start=1):
+        made.append(synthesize(name, tmp_path / f"a{i:03d}.safetensors", seed=i, layout_data=lay, metadata=meta))
+    for i in range(len(made), len(made) + 6):  # what a trainer writes: other names, dates, tags
+        made.append(synthesize(name, tmp_path / f"a{i:03d}.safetensors", seed=i, layout_data=lay,
+                               metadata={**kohya, "ss_output_name": f"n{i}", "ss_session_id": str(i)}))
+    for i, alpha in enumerate([16.0, 1.0], start=len(made)):
+        p = synthesize(name, tmp_path / f"a{i:03d}.safetensors", seed=i, layout_data=lay, metadata=kohya)
+        _set_alphas(p, alpha)
+        made.append(p)
+    hostile = tmp_path / "b"
+    hostile.mkdir()
+    first_offsets = '"data_offsets":[0,'
+    for label, src, old, new in [
+        ("minus-zero", base, first_offsets, '"data_offsets":[-0,'),
+        ("float", base, first_offsets, '"data_offsets":[0.0,'),
+        ("boolean", one, '"shape":[1,', '"shape":[true,'),
+        ("space", base, '{"__metadata__":', '{ "__metadata__":'),
+        ("repeated-key", base, '{"__metadata__":{', '{"__metadata__":{"ss_clip_skip":"1",'),
+        ("number", base, '{"__metadata__":{', '{"__metadata__":{"n":1,'),
+        ("surrogate", base, '{"__metadata__":{', '{"__metadata__":{"s":"\\ud800",'),
+        ("not-object", one, '{"__metadata__":{"a":"b"}', '{"__metadata__":[["a","b"]]'),
+        ("null", one, '{"__metadata__":{"a":"b"}', '{"__metadata__":null'),
+    ]:
+        made.append(_edit_header(src, hostile / f"{label}.safetensors", old, new))
+    cut = hostile / "truncated.safetensors"
+    cut.write_bytes(base.read_bytes()[:-2])
+    made.append(cut)
+
+    hits = catalogue._MEMO.hits
+    records = {r["path"]: r for r in loratools.scan([tmp_path])}
+    assert catalogue._MEMO.hits - hits >= 6  # the shared structure was reused, not inspected again
+    kinds = {}
+    for path in made:
+        kind, want = _expected(path)
+        r = records[str(path)]
+        kinds[path.stem] = r["kind"]
+        assert r["kind"] == kind, (path, r.get("error"))
+        assert (r["info"] if kind == "lora" else r["error"]) == want, path
+    assert kinds["a002"] == "lora" and "claims sd1" in " ".join(records[str(made[2])]["problems"])
+    assert {kinds[k] for k in ("minus-zero", "float", "boolean", "repeated-key", "number", "surrogate",
+                               "not-object", "truncated")} == {"broken"}
+    assert kinds["space"] == kinds["null"] == "lora"
+    alphas = {records[str(p)]["info"]["alpha"]["common"] for p in made[-12:-10]}
+    assert alphas == {16.0, 1.0}
+    # every record handed out is its own object
+    again = loratools.scan([tmp_path])
+    again[0]["info"]["family"]["id"] = "changed"
+    assert loratools.scan([tmp_path])[0]["info"]["family"]["id"] != "changed"
+
+
+def test_only_decisive_metadata_changes_a_record(tmp_path):
+    """The memo keys records by the metadata keys families and formats read (record_memo.decisive_metadata_keys):
+    realistic metadata without those keys must leave inspect's record unchanged beyond the metadata field."""
+    from loratools.record_memo import PER_FILE, decisive_metadata_keys
+
+    decisive = set(decisive_metadata_keys())
+    assert {"ss_base_model_version", "modelspec.architecture", "lora_adapter_metadata"} <= decisive
+    kohya = json.loads((KOHYA_METADATA / "kohya_sdxl_lora_metadata__civitai-seed.json").read_text())["metadata"]
+    templates = json.loads((KOHYA_METADATA / "modelspec_templates__onetrainer.json").read_text())["templates"]
+    samples = [kohya, templates["flux_dev_1.0-lora.json"], templates["sd_xl_base_1.0-lora.json"]]
+    strip = lambda info: {k: v for k, v in info.items() if k not in PER_FILE}  # noqa: E731
+    for t, (name, keep) in enumerate(TEMPLATES):
+        lay = _subset(name, keep)
+        bare = strip(loratools.inspect(synthesize(name, tmp_path / f"{t}.safetensors", layout_data=lay, metadata={})))
+        for s, sample in enumerate(samples):
+            meta = {k: v for k, v in sample.items() if k not in decisive}
+            path = synthesize(name, tmp_path / f"{t}-{s}.safetensors", layout_data=lay, metadata=meta)
+            assert strip(loratools.inspect(path)) == bare, (name, sorted(meta))
