@@ -108,6 +108,59 @@ def test_factors_that_do_not_fit_name_the_module_and_both_shapes(tmp_path, cli):
              "down_blocks_0_attentions_0_proj_in", "lora_down [4, 320]", "lora_up [320, 8]")
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_operations_that_need_an_svd_refuse_nan_even_when_allowed(tmp_path, cli, bad):
+    """--allow-nonfinite passes NaN/Inf through where values are copied or rescaled; an SVD of them is not
+    defined, so resize, merge --method svd and a lossy conversion name the module instead."""
+    up = np.random.default_rng(6).standard_normal((320, 4))
+    up[5, 2] = bad
+    src = _kohya(tmp_path / "bad.safetensors", up=up, dtype=np.float32)
+    for args in (["resize", src, "--rank", "2"], ["merge", src, src, "--method", "svd", "--rank", "2"]):
+        _refused(cli(*args, "-o", tmp_path / "o.safetensors", "--family", "sd1", "--allow-nonfinite"),
+                 "bad.safetensors", "down_blocks_0_attentions_0_proj_in", "NaN or Inf", "no SVD")
+    with pytest.raises(LoraToolsError, match="no SVD"):
+        loratools.resize(src, rank=2, allow_nonfinite=True)
+    assert not (tmp_path / "o.safetensors").exists()
+    assert cli("merge", src, src, "-o", tmp_path / "c.safetensors", "--family", "sd1", "--allow-nonfinite")[0] == 0
+
+
+@pytest.mark.parametrize("magnitude", [1e19, 1e30])
+def test_finite_factors_whose_product_overflows_are_flagged_or_refused_not_a_crash(tmp_path, cli, magnitude):
+    rng = np.random.default_rng(7)
+    src = _kohya(tmp_path / "huge.safetensors", up=rng.standard_normal((320, 4)) * magnitude,
+                 down=rng.standard_normal((4, 320)) * magnitude, dtype=np.float32)
+    stats = loratools.inspect(src, stats=True)["stats"]
+    assert stats["summary"]["nan_or_inf"] == 1 and stats["modules"][0]["norm"] is None
+    _refused(cli("resize", src, "--rank", "2", "-o", tmp_path / "o.safetensors", "--family", "sd1"),
+             "down_blocks_0_attentions_0_proj_in", "exceed the range of float32")
+
+
+def test_large_but_representable_factors_resize_exactly(tmp_path):
+    """Factors near float32's limits whose product is an ordinary ΔW: the QR of lora_up alone would overflow, so
+    each factor is scaled into range first (by a power of two: exact) and the result is the true SVD."""
+    rng = np.random.default_rng(8)
+    up, down = rng.standard_normal((320, 4)) * 5e37, rng.standard_normal((4, 320)) * 1e-37
+    src = _kohya(tmp_path / "big.safetensors", up=up, down=down, alpha=4.0, dtype=np.float32)
+    small, _ = loratools.resize(src, rank=4 - 1)
+    m = small.modules[0]
+    got = m.adapter.t("lora_up").torch().double() @ m.adapter.t("lora_down").torch().double() * m.scale
+    want = up.astype(np.float32).astype(np.float64) @ down.astype(np.float32).astype(np.float64)
+    u, s, vh = np.linalg.svd(want)
+    best = (u[:, :3] * s[:3]) @ vh[:3]
+    assert np.allclose(got.numpy(), best, rtol=1e-4, atol=1e-4 * s[0])
+
+
+def test_a_nan_dora_magnitude_is_flagged_by_stats(tmp_path):
+    rng = np.random.default_rng(9)
+    src = tmp_path / "dora.safetensors"
+    magnitude = np.ones((320, 1), np.float32)
+    magnitude[3] = np.nan
+    save_file({f"{STEM}.lora_down.weight": rng.standard_normal((4, 320)).astype(np.float32),
+               f"{STEM}.lora_up.weight": rng.standard_normal((320, 4)).astype(np.float32),
+               f"{STEM}.alpha": np.asarray(4.0, np.float32), f"{STEM}.dora_scale": magnitude}, str(src), META)
+    assert loratools.inspect(src, stats=True)["stats"]["modules"][0]["flags"] == ["nan_or_inf"]
+
+
 def _peft_folder(path: Path, config: dict) -> Path:
     path.mkdir()
     rng = np.random.default_rng(3)
@@ -295,6 +348,19 @@ def test_hostile_base_checkpoints_for_bake_and_extract(tmp_path, cli, damage):
     _refused(cli("extract", good, base, "-o", tmp_path / "x.safetensors", "--rank", "2", "--family", "sd1"),
              "base.safetensors")
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_nan_in_a_checkpoint_given_to_extract_is_one_line(tmp_path, cli):
+    base = _sd1_base(tmp_path / "base.safetensors")
+    tuned = tmp_path / "tuned.safetensors"
+    weights = load_file(str(base))
+    key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+    weights[key] = weights[key] + np.float16(0.5)
+    weights[key][7, 7] = np.nan
+    save_file(weights, str(tuned))
+    _refused(cli("extract", base, tuned, "-o", tmp_path / "x.safetensors", "--rank", "2", "--family", "sd1"),
+             "tuned.safetensors", "attn2.to_k", "NaN or Inf")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_hostile_lycoris_factors_name_the_module(tmp_path, cli):

@@ -119,6 +119,8 @@ def extract_pairs(base: Base, tuned: Base, family: Family, spec: Spec, device, r
     """[(Module, Canon)] for every changed weight, computed pair by pair."""
     import torch
 
+    from loratools.ops.lowrank import svd_of
+
     pairs, mem = [], MemorySource()
     for key, canon, rows, transposed in candidates(base, family, spec.text_encoders):
         if key not in tuned.keys:
@@ -140,7 +142,8 @@ def extract_pairs(base: Base, tuned: Base, family: Family, spec: Spec, device, r
         if not torch.any(diff):
             result.unchanged += 1
             continue
-        got = _factor(diff, spec, device)
+        with svd_of(key, tuned.path):  # a NaN or Inf in either checkpoint
+            got = _factor(diff, spec, device)
         if got is None:
             result.skipped.append(f"{key} (a {'x'.join(map(str, diff.shape[2:]))} conv: pass --conv-rank)")
             continue

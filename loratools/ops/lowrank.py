@@ -9,10 +9,11 @@ columns kept are ever built, which costs O((m+n)·r·k) rather than forming two 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 
-from loratools.errors import UsageError
+from loratools.errors import FormatError, UsageError
 
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 
@@ -25,6 +26,64 @@ _RANDOMISED_MIN_SIDE = 1024
 _OVERSAMPLE = 16
 _POWER_ITERATIONS = 2
 
+# Factors whose largest value lies outside [2**-30, 2**30] are scaled into it first (by a power of two: exact), so
+# that the core product R_B R_Aᵀ neither overflows nor loses its small values; others are taken as they are.
+_UNIT_EXPONENTS = (-30, 30)
+
+
+class NoSVD(FormatError):
+    """Values whose SVD is not defined (NaN or Inf), does not converge, or does not fit the compute dtype."""
+
+
+@contextlib.contextmanager
+def svd_of(name: str, path=None):
+    """Name the module (and its file) in a NoSVD raised within."""
+    try:
+        yield
+    except NoSVD as e:
+        raise NoSVD(f"module {name}: {e.message}", path if path is not None else e.path) from None
+
+
+def _check_finite(*tensors) -> None:
+    import torch
+
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        raise NoSVD("its values hold NaN or Inf, which have no SVD")
+
+
+def _unit(t):
+    """``(t / c, c)`` with ``c`` a power of two that brings the largest magnitude near 1, or ``(t, 1.0)`` when it
+    is already within ``_UNIT_EXPONENTS``."""
+    peak = float(t.abs().max()) if t.numel() else 0.0
+    e = math.frexp(peak)[1]
+    if peak == 0.0 or _UNIT_EXPONENTS[0] <= e <= _UNIT_EXPONENTS[1]:
+        return t, 1.0
+    return t * math.ldexp(1.0, -e), math.ldexp(1.0, e)
+
+
+def _scaled_values(s, c: float):
+    """Singular values ``s`` of a matrix divided by ``c``, as the matrix's own; NoSVD when they overflow."""
+    import torch
+
+    if c != 1.0:
+        s = s * c
+    if not bool(torch.isfinite(s).all()):
+        raise NoSVD(f"its singular values exceed the range of {str(s.dtype).removeprefix('torch.')}")
+    return s
+
+
+def svd(mat):
+    """``torch.linalg.svd(mat, full_matrices=False)`` for a finite matrix of any magnitude; NoSVD otherwise."""
+    import torch
+
+    _check_finite(mat)
+    unit, c = _unit(mat)
+    try:
+        u, s, vh = torch.linalg.svd(unit, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        raise NoSVD("its SVD does not converge") from None
+    return u, _scaled_values(s, c), vh
+
 
 class FactorSVD:
     """The SVD of ``up @ down`` kept in factored form: Householder QRs of both factors (Q never formed) and
@@ -35,11 +94,17 @@ class FactorSVD:
 
         dtype = torch.float64 if up.dtype == torch.float64 else torch.float32
         up, down = up.to(dtype), down.to(dtype)
+        _check_finite(up, down)
+        (up, c_up), (down, c_down) = _unit(up), _unit(down)  # the scales come back in ``s``; U and V keep none
         self._b = torch.geqrf(up)  # up = Q_B R_B, Q_B kept as reflectors
         self._a = torch.geqrf(down.T)  # downᵀ = Q_A R_A
         r_b = self._b[0][: min(up.shape)].triu()
         r_a = self._a[0][: min(down.shape)].triu()
-        self._u, self.s, self._vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        try:
+            self._u, s, self._vh = torch.linalg.svd(r_b @ r_a.T, full_matrices=False)
+        except torch.linalg.LinAlgError:
+            raise NoSVD("its SVD does not converge") from None
+        self.s = _scaled_values(s, c_up * c_down)
 
     @staticmethod
     def _apply_q(qr, small):
@@ -122,9 +187,11 @@ def dense_svd(mat, k: int | None = None):
 
     side = min(mat.shape)
     if k is not None and side > _RANDOMISED_MIN_SIDE and 4 * (k + _OVERSAMPLE) <= side:
-        u, s, v = torch.svd_lowrank(mat, q=k + _OVERSAMPLE, niter=_POWER_ITERATIONS)
-        return u[:, :k], s[:k], v[:, :k].T
-    u, s, vh = torch.linalg.svd(mat, full_matrices=False)
+        _check_finite(mat)
+        unit, c = _unit(mat)
+        u, s, v = torch.svd_lowrank(unit, q=k + _OVERSAMPLE, niter=_POWER_ITERATIONS)
+        return u[:, :k], _scaled_values(s[:k], c), v[:, :k].T
+    u, s, vh = svd(mat)
     if k is None:
         return u, s, vh
     return u[:, :k], s[:k], vh[:k]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from loratools.errors import ShapeMismatch, UsageError
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.validate import check_writable
-from loratools.ops.lowrank import FactorSVD, check_rank, resolve_device, truncation
+from loratools.ops.lowrank import FactorSVD, check_rank, resolve_device, svd_of, truncation
 from loratools.ops.resize import (Factors, RankRule, check_modules, cpu_threads, is_vector, lora_module,
                                   metadata_warnings, module_factors, output_lora, storage_dtype, summarize)
 
@@ -73,7 +73,8 @@ def merge(items: list[tuple[Lora, float]], *, method: str = "concat", rank: int 
     mem, modules, rows = MemorySource(), [], []
     with cpu_threads(dev):
         for terms in _group(items, key or default_key).values():
-            new, row = _merge_group(terms, rule, dev, lossy_rank, mem, out_dtype)
+            with svd_of(terms[0].module.name, items[terms[0].index][0].path):
+                new, row = _merge_group(terms, rule, dev, lossy_rank, mem, out_dtype)
             modules.append(new)
             rows.append(row)
     summary = summarize(rows, [m for lora, _ in items for m in lora.modules], modules)

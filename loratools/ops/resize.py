@@ -21,7 +21,7 @@ from loratools.io.reader import DTYPE_SIZES
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.validate import check_writable
 from loratools.ops.lowrank import (FactorSVD, check_rank, compute_dtype, dense_svd, parse_dynamic, resolve_device,
-                                   select_rank, split_factors, truncation)
+                                   select_rank, split_factors, svd, svd_of, truncation)
 from loratools.ops.threads import small_matrix_threads
 
 # Adapter kinds that become LoRA only through a dense, lossy SVD; the names users know them by.
@@ -179,8 +179,8 @@ def kron_svd(w1, w2, k: int):
     """
     import torch
 
-    u1, s1, v1 = torch.linalg.svd(w1, full_matrices=False)
-    u2, s2, v2 = torch.linalg.svd(w2, full_matrices=False)
+    u1, s1, v1 = svd(w1)
+    u2, s2, v2 = svd(w2)
     products = torch.outer(s1, s2).flatten()
     top = torch.topk(products, min(k, products.numel())).indices  # largest first
     i, j = top // s2.numel(), top % s2.numel()
@@ -291,7 +291,8 @@ def resize(lora: Lora, *, rank: int | None = None, dynamic=None, max_rank: int |
     mem, modules, rows = MemorySource(), [], []
     with cpu_threads(dev):
         for m in lora.modules:
-            new, row = _resize_module(m, rule, dev, lossy_rank, mem, out_dtype)
+            with svd_of(m.name, lora.path):
+                new, row = _resize_module(m, rule, dev, lossy_rank, mem, out_dtype)
             modules.append(new)
             rows.append(row)
     report = {"path": lora.path, "rule": {**rule.as_dict(), "lossy_rank": lossy_rank}, "device": str(dev),
@@ -366,7 +367,8 @@ def to_lora(lora: Lora, lossy_rank: int, device="auto") -> tuple[Lora, list[str]
             if m.adapter.kind == "lora" or is_vector(m):
                 modules.append(m)
                 continue
-            f = module_factors(m, dev, lossy_rank)
+            with svd_of(m.name, lora.path):
+                f = module_factors(m, dev, lossy_rank)
             k = f.up.shape[1]
             modules.append(lora_module(m, f.up, f.down, scale_alpha(f.scale, k, False), f, mem, None))
             notes.append(f"{m.name}: {m.adapter.label} -> rank-{k} LoRA, relative error {f.lossy_error:.3g}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from loratools.model import Lora, Module
-from loratools.ops.lowrank import effective_rank, factor_svd
+from loratools.ops.lowrank import NoSVD, effective_rank, factor_svd, svd
 
 
 def _singular_values(module: Module):
@@ -20,35 +20,50 @@ def _singular_values(module: Module):
         return factor_svd(*factors, compute_uv=False)
     if a.kind == "lokr":  # singular values of a Kronecker product are the pairwise products
         w1, w2 = a.w1().flatten(1), a.w2().flatten(1)
-        s = torch.outer(torch.linalg.svdvals(w1), torch.linalg.svdvals(w2)).flatten()
+        s = torch.outer(svd(w1)[1].double(), svd(w2)[1].double()).flatten()
         return s.sort(descending=True).values
     delta = a.delta()
     if delta is None:
         return None
-    return torch.linalg.svdvals(delta.float().flatten(1) if delta.dim() > 1 else delta.float()[None])
+    return svd(delta.float().flatten(1) if delta.dim() > 1 else delta.float()[None])[1]
 
 
 def _finite(module: Module) -> tuple[bool, bool]:
-    """(has NaN or Inf, all factors zero) over the module's alpha and its own tensors."""
+    """(has NaN or Inf, all factors zero) over the module's alpha, its own tensors and its DoRA magnitude."""
     import torch
 
     bad, zero = module.alpha is not None and not math.isfinite(module.alpha), True
-    for ref in module.adapter.tensors.values():
+    tensors = [(ref, True) for ref in module.adapter.tensors.values()]
+    if module.magnitude is not None:  # a DoRA magnitude is no factor: zeros there do not make ΔW zero
+        tensors.append((module.magnitude, False))
+    for ref, factor in tensors:
         t = ref.torch()
         if not t.is_floating_point():
             continue
         t = t.float()
         bad |= not bool(torch.isfinite(t).all())
-        zero &= not bool(t.abs().gt(0).any())
+        if factor:
+            zero &= not bool(t.abs().gt(0).any())
     return bad, zero
 
 
+def _number(x: float) -> float | None:
+    """A finite number, or None (JSON has no Infinity): a norm beyond float64 is not a number to report."""
+    return x if math.isfinite(x) else None
+
+
 def module_stats(lora: Lora) -> dict:
-    """Per-module ‖s·ΔW‖_F, effective rank and health flags, plus a summary."""
+    """Per-module ‖s·ΔW‖_F, effective rank and health flags, plus a summary. Never raises on the numbers: a
+    module holding NaN or Inf, or whose ΔW overflows (no SVD), is flagged ``nan_or_inf`` and has no norm."""
     rows, flagged = [], {"nan_or_inf": [], "all_zero": [], "needs_base": []}
     for m in lora.modules:
         bad, zero = _finite(m)
-        s = None if bad else _singular_values(m)
+        s = None
+        if not bad:
+            try:
+                s = _singular_values(m)
+            except NoSVD:  # finite factors whose product overflows float32
+                bad = True
         row = {"name": m.name, "component": m.component, "type": m.adapter.label, "norm": None,
                "effective_rank": None, "top_singular_value": None, "flags": []}
         if bad:
@@ -62,15 +77,15 @@ def module_stats(lora: Lora) -> dict:
             flagged["needs_base"].append(m.name)
         elif s is not None:
             scale = abs(m.scale)
-            row["norm"] = float(s.double().pow(2).sum().sqrt()) * scale
+            row["norm"] = _number(float(s.double().pow(2).sum().sqrt()) * scale)
             row["effective_rank"] = round(effective_rank(s), 3)
-            row["top_singular_value"] = float(s[0]) * scale if s.numel() else 0.0
+            row["top_singular_value"] = _number(float(s[0]) * scale if s.numel() else 0.0)
         rows.append(row)
     norms = [r["norm"] for r in rows if r["norm"] is not None and math.isfinite(r["norm"])]
     return {
         "modules": rows,
         "summary": {
-            "total_norm": math.sqrt(sum(n * n for n in norms)) if norms else None,
+            "total_norm": _number(math.hypot(*norms)) if norms else None,
             "max_norm": max(norms) if norms else None,
             "mean_norm": sum(norms) / len(norms) if norms else None,
             **{k: len(v) for k, v in flagged.items()},
