@@ -350,6 +350,23 @@ def test_hostile_base_checkpoints_for_bake_and_extract(tmp_path, cli, damage):
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_pickle_inside_a_base_folder_is_named_as_a_pickle(tmp_path, cli):
+    """Not 'header too large (578712552184433488 bytes)': the first bytes of a torch.save file say what it is."""
+    import torch
+
+    folder = tmp_path / "base" / "unet"
+    folder.mkdir(parents=True)
+    torch.save({"input_blocks.1.1.proj_in.weight": torch.zeros(320, 320, 1, 1)},
+               str(folder / "diffusion_pytorch_model.safetensors"))
+    good = _sd1_base(tmp_path / "good.safetensors")
+    lora = _kohya(tmp_path / "l.safetensors")
+    _refused(cli("bake", tmp_path / "base", lora, "-o", tmp_path / "o", "--family", "sd1"),
+             "diffusion_pytorch_model.safetensors", "pickled checkpoint")
+    _refused(cli("extract", good, tmp_path / "base", "-o", tmp_path / "x.safetensors", "--rank", "2",
+                 "--family", "sd1"), "diffusion_pytorch_model.safetensors", "pickled checkpoint")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "good.safetensors", "l.safetensors"]
+
+
 def test_a_nan_in_a_checkpoint_given_to_extract_is_one_line(tmp_path, cli):
     base = _sd1_base(tmp_path / "base.safetensors")
     tuned = tmp_path / "tuned.safetensors"

@@ -97,7 +97,12 @@ def _read_prefix(path: str, size: int) -> tuple[int, bytes]:
         raise HeaderError(f"file too short for a safetensors header ({size} bytes)", path)
     try:
         with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
+            head = f.read(9)
+            if head[8:9] != b"{" and (head[:2] == b"PK" or head[:1] == b"\x80"):  # what io.pickled recognises
+                raise HeaderError("a pickled checkpoint (a torch.save zip archive or a pickle), not safetensors: "
+                                  "convert it to .safetensors", path)
+            (n,) = struct.unpack("<Q", head[:8])
+            f.seek(8)
             if n == 0:
                 raise HeaderError("header length is zero", path)
             if n > MAX_HEADER_SIZE:
