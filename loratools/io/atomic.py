@@ -98,6 +98,19 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and folder under ``root`` to disk (best effort)."""
+    for where, _, names in os.walk(root):
+        for name in names:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(where, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_folder(Path(where))
+
+
 def _libc_call(name: str):
     try:
         return getattr(ctypes.CDLL(None, use_errno=True), name)
@@ -196,6 +209,29 @@ def _publish_named(named: Path, dest: Path) -> None:
 
 
 _RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two names in one step (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    renameat2 = _libc_call("renameat2")
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise LoraToolsError(f"cannot write output ({os.strerror(err).lower()})", b)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file or a folder tree, whichever ``path`` is (no error if it is gone)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def _rename_noreplace(src: Path, dest: Path) -> None:
@@ -217,7 +253,8 @@ def _rename_noreplace(src: Path, dest: Path) -> None:
 @contextlib.contextmanager
 def atomic_folder(dest, overwrite: bool = False) -> Iterator[Path]:
     """A temporary folder to build ``dest`` in; moved into place when the block ends without an error. An old
-    ``dest`` (with ``overwrite``) is moved aside first and removed after."""
+    ``dest`` (with ``overwrite``) is swapped with it in one step and removed after (where the system cannot swap,
+    it is moved aside first: a run killed between the two renames leaves neither at ``dest``)."""
     dest = Path(dest)
     check_destination(dest, overwrite, folder=True)
     folder = dest.parent
@@ -228,17 +265,19 @@ def atomic_folder(dest, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         if overwrite and os.path.lexists(dest):
-            old = temp_name(dest)
-            _io(dest, os.rename, dest, old)
-            try:
-                _rename_noreplace(tmp, dest)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.rename(old, dest)
-                raise
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+            _fsync_tree(tmp)  # as for a replaced file: a crash after the swap must not lose both
+            if not _exchange(tmp, dest):  # now ``tmp`` names the old output, removed below
+                old = temp_name(dest)
+                _io(dest, os.rename, dest, old)
+                try:
+                    _rename_noreplace(tmp, dest)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.rename(old, dest)
+                    raise
+                _remove(old)
         else:
             _rename_noreplace(tmp, dest)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.lexists(tmp):
+            _remove(tmp)
