@@ -108,6 +108,10 @@ from loratools.cli_bake import bake, extract  # noqa: E402
 cli.add_command(bake)
 cli.add_command(extract)
 
+from loratools.cli_batch import batch  # noqa: E402
+
+cli.add_command(batch)
+
 
 def main() -> None:
     # numpy's OpenBLAS starts a thread per core that spins for a while after numpy is imported, in the middle of

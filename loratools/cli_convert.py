@@ -30,7 +30,7 @@ def _one(args: tuple) -> dict:
 
 
 @click.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.argument("paths", nargs=-1, required=False, type=click.Path())
 @click.option("--to", "to", required=True, type=FORMATS, help="Target naming.")
 @click.option("-o", "--output", default=None, help="Output file, or folder (existing, ending in '/', or with several inputs).")
 @click.option("--family", default=None, help="Family id to assume instead of detecting it.")
@@ -49,9 +49,15 @@ def _one(args: tuple) -> dict:
                    "spelling (SDXL: native like sd-scripts; diffusers for LyCORIS on a diffusers UNet).")
 @click.option("--allow-nonfinite", is_flag=True, help="Pass NaN/Inf factors and alphas through (forensics).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
+@click.option("--from-catalogue", "catalogue", default=None, type=click.Path(),
+              help="Convert the LoRAs a `loratools scan -o` catalogue lists, as a resumable batch (docs/batch.md); "
+                   "--family and --format then select records, and outputs mirror the inputs' folders under -o.")
+@click.option("--format", "source_format", default=None, help="With --from-catalogue: only files in this format.")
+@click.option("--dask", "dask_address", default=None, metavar="ADDRESS|local",
+              help="With --from-catalogue: run on a Dask cluster (see loratools batch --help).")
 @click.pass_context
 def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle, lossy_rank, uniform_alpha,
-            kohya_names, allow_nonfinite, as_json) -> None:
+            kohya_names, allow_nonfinite, as_json, catalogue, source_format, dask_address) -> None:
     """Rewrite LoRAs between kohya, diffusers, PEFT and comfy naming with the same numerical effect.
 
     PATHS are files, PEFT folders, globs expanded by the shell, or folders (searched recursively).
@@ -64,8 +70,23 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
         loratools convert my_lora.safetensors --to diffusers
 
         loratools convert loras/ --to comfy -o converted/ --jobs 2
+
+        loratools convert --from-catalogue catalogue.jsonl --family wan21 --to comfy -o comfy/
     """
+    from loratools.errors import UsageError
     from loratools.io.sources import expand_paths
+
+    if catalogue is not None or source_format or dask_address:
+        if paths or catalogue is None:
+            raise UsageError("give PATHS, or --from-catalogue (with --format and --dask), not both")
+        from loratools.cli_batch import convert_from_catalogue
+
+        options = {"dtype": dtype, "overwrite": overwrite, "allow_pickle": allow_pickle, "lossy_rank": lossy_rank,
+                   "uniform_alpha": uniform_alpha, "kohya_names": kohya_names, "allow_nonfinite": allow_nonfinite}
+        return convert_from_catalogue(catalogue, to, output, family, source_format, options, jobs, dask_address,
+                                      as_json)
+    if not paths:
+        raise UsageError("give the LoRA files or folders to convert (PATHS), or --from-catalogue")
 
     files = expand_paths(paths)
     many = len(files) > 1

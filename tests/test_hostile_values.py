@@ -94,6 +94,16 @@ def test_non_finite_numbers_are_refused_by_every_writer_and_flagged_by_inspect(t
         assert not np.isfinite(np.concatenate([v.astype(np.float64).ravel() for v in got.values()])).all()
 
 
+def test_verify_never_calls_a_file_holding_nan_equal(tmp_path):
+    src = _kohya(tmp_path / "ok.safetensors", dtype=np.float32)
+    up = np.random.default_rng(0).standard_normal((320, 4))
+    up[1, 1] = np.nan
+    bad = _kohya(tmp_path / "bad.safetensors", up=up, dtype=np.float32)
+    for a, b in ((src, bad), (bad, src), (bad, bad)):
+        result = loratools.verify(a, b, family="sd1")
+        assert not result.equal and result.max_rel_error == math.inf
+
+
 @pytest.mark.parametrize("alpha,count", [(np.array([1.0, 2.0]), 2), (np.zeros((0,)), 0)])
 def test_an_alpha_that_is_not_one_number_names_the_module(tmp_path, cli, alpha, count):
     src = _kohya(tmp_path / "a.safetensors", alpha=alpha)

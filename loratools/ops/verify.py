@@ -136,6 +136,8 @@ def _compare(a: Lora, b: Lora, rtol: float, fam: Family) -> VerifyResult:
                 diff = _norm(torch.cat([fa[0], -fb[0]], dim=1), torch.cat([fa[1], fb[1]], dim=0))
                 scale = max(_norm(*fa), _norm(*fb))
                 err = 0.0 if diff == 0 else diff / scale if scale > 0 else float("inf")
+        if err != err:  # NaN (a NaN or Inf in either file): no number says they are the same
+            err = float("inf")
         worst = max(worst, err)
         rows_out.append({"target": f"{key[0]}:{key[1]}" + (" (DoRA magnitude)" if len(key) == 3 else ""),
                          "rel_error": err})
