@@ -67,7 +67,7 @@ def _pickle_name(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in PICKLE_SUFFIXES
 
 
-def _stat(path: str) -> tuple[int, int]:
+def file_stat(path: str) -> tuple[int, int]:
     """(size, mtime in ns) of a file, or of an adapter folder's newest entry and total size."""
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
@@ -129,7 +129,7 @@ def inspect_one(path: str, hashes: bool = False) -> dict:
     """The catalogue record of one path; problems become ``error`` (one line), never an exception."""
     from loratools import api
 
-    size, mtime = _stat(path)
+    size, mtime = file_stat(path)
     record: dict = {"path": path, "size": size, "mtime_ns": mtime, "version": RECORD_VERSION, "kind": None,
                     "error": None, "problems": []}
     if _pickle_name(path):
@@ -191,7 +191,7 @@ def _unchanged(old: dict | None, path: str, hashes: bool) -> bool:
                                                                and not old.get("hashes")):
         return False
     try:
-        return (old.get("size"), old.get("mtime_ns")) == _stat(path)
+        return (old.get("size"), old.get("mtime_ns")) == file_stat(path)
     except OSError:
         return False
 
