@@ -193,8 +193,8 @@ def _tiny_sdxl_folder(path: Path) -> Path:
 
 
 # The command as a user runs it; with PAUSE set, every output file or folder stops once it is complete and before
-# it gets its name (the moment a killed writer leaves the most behind), and creates PAUSE to say so. NAMED makes
-# the writer use the named-temp fallback, as on a file system without O_TMPFILE.
+# it gets its name (the moment a killed writer leaves the most behind), creates PAUSE to say so, and goes on when
+# the file GO exists. NAMED makes the writer use the named-temp fallback, as on a file system without O_TMPFILE.
 _CHILD = """
 import contextlib, os, time
 from loratools.io import atomic
@@ -209,7 +209,11 @@ if pause:
             with real(*args, **kwargs) as handle:
                 yield handle
                 open(pause, "w").close()
-                time.sleep(300)
+                go = os.environ.get("GO")
+                for _ in range(30000):  # 300 s at most
+                    if go and os.path.exists(go):
+                        break
+                    time.sleep(0.01)
         return run
 
     import loratools.formats.diffusers, loratools.io.writer
@@ -242,19 +246,45 @@ def _check_complete(op: str, src: Path, out: Path) -> None:
         assert loratools.verify(src, out, rtol=1e-6).equal
 
 
-def _kill_when_written(cmd: list[str], cwd: Path, marker: Path, named: bool) -> None:
-    env = {**os.environ, "PAUSE": str(marker), **({"NAMED": "1"} if named else {})}
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not marker.exists():
-            assert proc.poll() is None, "the writer ended before it finished writing"
-            assert time.monotonic() < deadline, "the writer never finished writing"
-            time.sleep(0.01)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+def _written(cmd: list[str], cwd: Path, marker: Path, named: bool, go: Path | None = None) -> subprocess.Popen:
+    """The command started and paused with its output complete and not yet named."""
+    env = {**os.environ, "PAUSE": str(marker), **({"NAMED": "1"} if named else {}), **({"GO": str(go)} if go else {})}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the writer never finished writing: {proc.communicate()[1]}")
+        time.sleep(0.01)
     marker.unlink()
+    return proc
+
+
+def _kill_when_written(cmd: list[str], cwd: Path, marker: Path, named: bool) -> None:
+    proc = _written(cmd, cwd, marker, named)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+
+@pytest.mark.parametrize("op", ["convert", "convert-peft"])
+@pytest.mark.parametrize("named", [False, True], ids=["unnamed", "named"])
+def test_an_output_that_appears_while_a_command_writes_is_kept_and_the_command_says_so(tmp_path, op, named):
+    """The race of the command line: after the existence check and before the name is given, someone else's
+    file (or folder) takes the output path. It stays as it is; the command fails with one line; nothing else is
+    left."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "in.safetensors").write_bytes(EXAMPLE.read_bytes())
+    cmd, out = _command(op, work)
+    go = tmp_path / "go"
+    proc = _written(cmd, work, tmp_path / "written", named, go)
+    out.write_bytes(b"someone else's")
+    go.touch()
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "appeared while it was being written" in lines[0], err
+    assert out.read_bytes() == b"someone else's"
+    assert sorted(p.name for p in work.iterdir()) == ["in.safetensors", out.name]
 
 
 OPS = ["convert", "convert-peft", "resize", "merge", "bake", "bake-folder"]
