@@ -48,8 +48,12 @@ def cli(ctx: click.Context, debug: bool, sync: bool) -> None:
 @click.option("--family", default=None, help="Family id to assume instead of detecting it.")
 @click.option("--allow-pickle", is_flag=True, help="Load .ckpt/.pt/.bin with torch.load(weights_only=True).")
 @click.option("--top", default=20, show_default=True, help="How many tags to show with --metadata.")
+@click.option("--plot", "plot_png", default=None, metavar="FILE.png",
+              help="Also draw ‖ΔW‖ per block of every file (shared axes) into this PNG (uses torch, matplotlib).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --plot file.")
 @click.pass_context
-def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_pickle, top) -> None:
+def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_pickle, top, plot_png,
+            overwrite) -> None:
     """Tell what LoRA files are: format, family (with evidence), adapters, ranks, alphas, sizes.
 
     PATHS are .safetensors files, PEFT adapter folders, or folders to search recursively.
@@ -60,6 +64,8 @@ def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_
         loratools inspect my_lora.safetensors --layers
 
         loratools inspect loras/ --json > report.json
+
+        loratools inspect my_lora.safetensors --plot blocks.png
     """
     from loratools import api
     from loratools.io.sources import expand_paths
@@ -85,6 +91,14 @@ def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_
             report.print_inspect(info, top=top)
     if as_json:
         click.echo(json.dumps(results, indent=2, default=str))
+    good = [r["path"] for r in results if "error" not in r]
+    if plot_png and good:
+        from loratools.cli_ops import sync_requested
+        from loratools.visual import plot
+
+        written = plot(good, plot_png, family=family, allow_pickle=allow_pickle, overwrite=overwrite,
+                       sync=sync_requested())
+        click.echo(f"wrote {written}", err=True)
     if failed:
         sys.exit(2 if failed == len(files) else 1)
 
@@ -111,6 +125,10 @@ cli.add_command(extract)
 from loratools.cli_batch import batch  # noqa: E402
 
 cli.add_command(batch)
+
+from loratools.cli_report import report  # noqa: E402
+
+cli.add_command(report)
 
 
 def main() -> None:
