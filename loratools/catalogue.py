@@ -69,15 +69,19 @@ def _pickle_name(path: str) -> bool:
 
 def file_stat(path: str) -> tuple[int, int]:
     """(size, mtime in ns) of a file, or of an adapter folder's newest entry and total size."""
+    return _stat_entry(path)[:2]
+
+
+def _stat_entry(path: str) -> tuple[int, int, bool]:
     st = os.stat(path)
     if not stat.S_ISDIR(st.st_mode):
-        return st.st_size, st.st_mtime_ns
+        return st.st_size, st.st_mtime_ns, False
     size, mtime = 0, st.st_mtime_ns
     for folder, _, files in os.walk(path):
         for name in files:
             st = os.stat(os.path.join(folder, name))
             size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
-    return size, mtime
+    return size, mtime, True
 
 
 def _contradictions(info: dict) -> list[str]:
@@ -129,7 +133,7 @@ def inspect_one(path: str, hashes: bool = False) -> dict:
     """The catalogue record of one path; problems become ``error`` (one line), never an exception."""
     from loratools import api
 
-    size, mtime = file_stat(path)
+    size, mtime, is_dir = _stat_entry(path)
     record: dict = {"path": path, "size": size, "mtime_ns": mtime, "version": RECORD_VERSION, "kind": None,
                     "error": None, "problems": []}
     if _pickle_name(path):
@@ -137,7 +141,7 @@ def inspect_one(path: str, hashes: bool = False) -> dict:
                                            "--allow-pickle)")
         return record
     try:
-        if hashes or os.path.isdir(path):
+        if hashes or is_dir:
             info = api.inspect(path, hashes=hashes, metadata=False)
         else:
             info = _MEMO.inspect(path, _inspect)
@@ -145,7 +149,7 @@ def inspect_one(path: str, hashes: bool = False) -> dict:
         ckpt = _checkpoint(path) if "not a LoRA" in exc.message or "no usable module" in exc.message else None
         if ckpt is not None:
             record.update(ckpt)
-            if hashes and not os.path.isdir(path):
+            if hashes and not is_dir:
                 from loratools.io.hashing import file_hashes
 
                 record["hashes"] = file_hashes(path, None)

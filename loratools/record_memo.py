@@ -56,10 +56,10 @@ def decisive_metadata_keys() -> tuple[str, ...]:
 class _Structure:
     """Where the small tensors of a validated header lie, and the records of files with that header's tensors."""
 
-    __slots__ = ("small", "records")
+    __slots__ = ("spans", "records")
 
     def __init__(self, small: list[tuple[int, int]]):
-        self.small = small  # (begin, end) in the data region, in file order
+        self.spans = _spans(small)  # the reads that cover every small tensor ((begin, end) in the data region)
         self.records: dict[tuple, bytes] = {}
 
 
@@ -75,20 +75,16 @@ _JSON_SPACE = " \t\n\r"
 _METADATA_DECODER = json.JSONDecoder(object_pairs_hook=tuple)  # pairs, so that a repeated key is seen
 
 
-def _parse(path: str) -> _Parsed | None:
-    """The header split into its metadata (parsed) and the text of its tensor entries, or None when only the
-    strict reader can say what the file is."""
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < 10:
-            return None
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if not 0 < n <= MAX_HEADER_SIZE or 8 + n > st.st_size:
-                return None
-            raw = f.read(n)
-    except OSError:
+def _parse(fd: int) -> _Parsed | None:
+    """The header of the open file split into its metadata (parsed) and the text of its tensor entries, or None
+    when only the strict reader can say what the file is."""
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size < 10:
         return None
+    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    if not 0 < n <= MAX_HEADER_SIZE or 8 + n > st.st_size:
+        return None
+    raw = os.pread(fd, n, 8)
     if len(raw) != n or raw[:1] != b"{":
         return None
     try:
@@ -102,13 +98,16 @@ def _parse(path: str) -> _Parsed | None:
     except (ValueError, RecursionError, MemoryError):
         return None
     if pairs is None:
-        metadata: dict = {}
-    elif type(pairs) is tuple and all(type(v) is str for _, v in pairs):
-        metadata = dict(pairs)
-        if len(metadata) != len(pairs) or (text.find("\\u", 0, end) >= 0 and _SURROGATE.search(text, 0, end)):
-            return None  # a repeated key, or a lone surrogate (not valid text)
-    else:
+        return _Parsed(n, st.st_size, text[end:].rstrip(_JSON_SPACE), {})
+    if type(pairs) is not tuple:
         return None
+    metadata = dict(pairs)
+    try:
+        "".join(metadata.values())  # every value is text (join refuses anything else)
+    except TypeError:
+        return None
+    if len(metadata) != len(pairs) or (text.find("\\u", 0, end) >= 0 and _SURROGATE.search(text, 0, end)):
+        return None  # a repeated key, or a lone surrogate (not valid text)
     # writers pad the header with spaces to align the data, so the padding follows the metadata's length
     return _Parsed(n, st.st_size, text[end:].rstrip(_JSON_SPACE), metadata)
 
@@ -127,19 +126,33 @@ def _path_name(path: str) -> str:
     return name if named == "." else os.path.join(named, name)
 
 
-def _memo_key(s: _Structure, parsed: _Parsed, path: str) -> tuple:
-    values: tuple = ()
-    if s.small:
-        start = 8 + parsed.header_size
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            values = tuple(os.pread(fd, end - begin, start + begin) for begin, end in s.small)
-        finally:
-            os.close(fd)
+_GAP = 1 << 14  # small tensors closer than this are read in one go (one read beats two syscalls)
+
+
+def _spans(small: list[tuple[int, int]]) -> list[tuple[int, int, list[tuple[int, int]]]]:
+    """Reads covering the small tensors: (begin, end, [(offset in the read, length)...]) in file order."""
+    spans: list[tuple[int, int, list[tuple[int, int]]]] = []
+    for begin, end in sorted(small):
+        if spans and begin - spans[-1][1] <= _GAP:
+            first, _, parts = spans[-1]
+            spans[-1] = (first, max(end, spans[-1][1]), parts)
+        else:
+            first, parts = begin, []
+            spans.append((begin, end, parts))
+        parts.append((begin - first, end - begin))
+    return spans
+
+
+def _memo_key(s: _Structure, parsed: _Parsed, fd: int) -> tuple:
+    values = []
+    start = 8 + parsed.header_size
+    for begin, end, parts in s.spans:
+        data = os.pread(fd, end - begin, start + begin)
+        values += [data[at:at + length] for at, length in parts]
     meta = parsed.metadata
-    decisive = tuple((k, meta[k]) for k in decisive_metadata_keys() if k in meta)
-    embeds = tuple(k for k, v in meta.items() if v == "<embed>")
-    return values, decisive, embeds
+    decisive = tuple(map(meta.get, decisive_metadata_keys()))
+    embeds = tuple(k for k, v in meta.items() if v == "<embed>") if "<embed>" in meta.values() else ()
+    return tuple(values), decisive, embeds
 
 
 class RecordMemo:
@@ -155,15 +168,19 @@ class RecordMemo:
     def inspect(self, path: str, inspect_fn: Callable[[str], dict]) -> dict:
         """What ``inspect_fn(path)`` (``inspect`` of a .safetensors file) returns, from the memo when a file of
         the same structure was seen."""
-        parsed = _parse(path)
-        if parsed is None:
-            return inspect_fn(path)
-        s = self._structure(parsed, path)
-        if s is None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
             return inspect_fn(path)
         try:
-            key = _memo_key(s, parsed, path)
+            parsed = _parse(fd)
+            s = None if parsed is None else self._structure(parsed, path)
+            key = None if s is None else _memo_key(s, parsed, fd)
         except OSError:
+            key = None
+        finally:
+            os.close(fd)
+        if key is None:
             return inspect_fn(path)
         stored = s.records.get(key)
         if stored is None:
