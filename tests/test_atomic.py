@@ -165,7 +165,8 @@ def test_a_writer_killed_midway_leaves_no_output_and_its_temp_file_goes_next_tim
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
 
 
-_BLOCK = {"attn2.to_k.weight": (640, 2048), **{f"attn1.{n}.weight": (640, 640) for n in ("to_q", "to_k", "to_v", "to_out.0")}}
+_BLOCK = {"attn2.to_k.weight": (640, 2048),
+          **{f"attn1.{n}.weight": (640, 640) for n in ("to_q", "to_k", "to_v", "to_out.0")}}
 
 
 def _tiny_sdxl_base(path: Path) -> Path:

@@ -67,6 +67,38 @@ def test_a_negative_scale_converts_exactly_to_every_target(tmp_path, to):
     assert loratools.verify(src, r.output, rtol=1e-6, family="sd1").equal
 
 
+@pytest.mark.parametrize("to", ["diffusers", "kohya-uniform"])
+@pytest.mark.parametrize("alpha,words", [(3e38, "beyond F16's range (Inf)"), (1e-30, "below F16's range")])
+def test_a_scale_folded_beyond_the_factor_dtype_is_refused_not_written_as_inf_or_zeros(tmp_path, cli, to, alpha, words):
+    """Finite fp16 factors and a finite alpha, but alpha/r folded into the factors does not fit fp16: the
+    output would be Inf (or all zeros). Formats that keep the scale beside the factors write it exactly."""
+    rng = np.random.default_rng(10)
+    src = tmp_path / "in.safetensors"
+    other = "lora_unet_down_blocks_0_attentions_1_proj_in"
+    save_file({**{f"{stem}.{kind}.weight": rng.standard_normal(shape).astype(np.float16)
+                  for stem in (STEM, other) for kind, shape in (("lora_down", (4, 320)), ("lora_up", (320, 4)))},
+               f"{STEM}.alpha": np.asarray(alpha, np.float32), f"{other}.alpha": np.asarray(4.0, np.float32)},
+              str(src), META)
+    out = tmp_path / "out.safetensors"
+    args = ["--to", "diffusers"] if to == "diffusers" else ["--to", "kohya", "--uniform-alpha"]
+    if to == "kohya-uniform":  # the common alpha is the larger one (a tie): the other's ratio shrinks lora_up
+        words = "below F16's range"
+    _refused(cli("convert", src, *args, "-o", out, "--family", "sd1"), "down_blocks", words, "--dtype")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.safetensors"]
+    assert cli("convert", src, "--to", "diffusers", "--dtype", "fp32", "-o", out, "--family", "sd1")[0] == 0
+    assert loratools.verify(src, out, family="sd1").equal
+    assert cli("convert", src, "--to", "kohya", "-o", tmp_path / "k.safetensors", "--family", "sd1")[0] == 0
+
+
+def test_a_cast_to_a_narrower_dtype_that_overflows_is_refused(tmp_path, cli):
+    up = np.random.default_rng(11).standard_normal((320, 4)) * 1e5
+    src = _kohya(tmp_path / "big.safetensors", up=up, dtype=np.float32)
+    _refused(cli("convert", src, "--to", "kohya", "--dtype", "fp16", "-o", tmp_path / "o.safetensors",
+                 "--family", "sd1"), "down_blocks.0.attentions.0.proj_in", "its values lie beyond F16's range")
+    assert cli("convert", src, "--to", "kohya", "--dtype", "bf16", "-o", tmp_path / "o.safetensors",
+               "--family", "sd1")[0] == 0
+
+
 @pytest.mark.parametrize("case", ["nan alpha", "inf alpha", "huge alpha", "inf factor", "nan factor"])
 def test_non_finite_numbers_are_refused_by_every_writer_and_flagged_by_inspect(tmp_path, cli, case):
     rng = np.random.default_rng(1)

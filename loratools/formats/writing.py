@@ -15,7 +15,7 @@ import struct
 from collections import Counter
 from typing import Callable
 
-from loratools.errors import UsageError
+from loratools.errors import FormatError, UsageError
 from loratools.io.reader import DTYPE_SIZES
 from loratools.model import OutModule
 
@@ -47,10 +47,28 @@ class Factors:
         rows = self.om.raw[which] if self.om.raw else None
         if rows is not None and rows.ref.dtype == self.dtype:
             if k != 1.0:
-                return lambda: rows.scaled(k)
+                return self.checked(lambda: rows.scaled(k), rows.read, k, self.dtype)
             spans = rows.spans()  # known without reading
             return rows.read if spans is None else spans
-        return lambda: self.scaled(self.factors()[which], k)
+        return self.checked(lambda: self.scaled(self.factors()[which], k), lambda: self.factors()[which], k)
+
+    def checked(self, produce, source, k: float, source_dtype: str | None = None):
+        """``produce``, refused when it makes Inf of finite values (``k`` > 1 or a cast to another dtype beyond
+        their range) or zeros of every value (``k`` < 1 below the dtype's range): numbers that are not the
+        module's any more. ``source`` gives the values before (read again only then)."""
+        grows, shrinks = abs(k) > 1 or source_dtype != self.dtype, abs(k) < 1  # (a dtype of None: not known)
+
+        def run():
+            out = produce()
+            if grows and not _finite(out, self.dtype) and _finite(source(), source_dtype):
+                raise FormatError(f"module {self.om.name}: {_what(k)} beyond {self.dtype}'s range (Inf); write a "
+                                  "wider --dtype" + ("" if k == 1.0 else " or a format that keeps the scale (kohya)"))
+            if shrinks and not _nonzero(out, self.dtype) and _nonzero(source(), source_dtype):
+                raise FormatError(f"module {self.om.name}: {_what(k)} below {self.dtype}'s range (every value "
+                                  "rounds to 0); write a wider --dtype or a format that keeps the scale (kohya)")
+            return out
+
+        return run
 
     def scaled(self, t, k: float):
         """``t * k`` in the output dtype: in the storage dtype when that is exact (k a power of two, no dtype
@@ -72,6 +90,35 @@ class Factors:
             return value
 
         return run
+
+
+def _what(k: float) -> str:
+    return "its values lie" if k == 1.0 else f"its factor times {k:.6g} (the scale folded in) lies"
+
+
+def _finite(x, dtype: str | None) -> bool:
+    """Whether stored bytes (in ``dtype``) or a torch tensor hold no NaN or Inf."""
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        from loratools.io.arrays import all_finite
+
+        return all_finite(x, dtype)
+    import torch
+
+    return bool(torch.isfinite(x).all())
+
+
+_MAGNITUDE_BITS = {"F16": ("<u2", 0x7FFF), "BF16": ("<u2", 0x7FFF), "F32": ("<u4", 0x7FFFFFFF),
+                   "F64": ("<u8", 0x7FFFFFFFFFFFFFFF)}
+
+
+def _nonzero(x, dtype: str | None) -> bool:
+    """Whether stored bytes (in ``dtype``) or a torch tensor hold a value other than ±0."""
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        import numpy as np
+
+        code, mask = _MAGNITUDE_BITS.get(dtype, ("u1", 0xFF))
+        return bool(np.bitwise_and(np.frombuffer(x, dtype=code), mask).any())
+    return bool(x.any())
 
 
 def _shapes(om: OutModule):
@@ -123,9 +170,10 @@ def down_up_items(mods: list[OutModule], stem_of: Callable[[OutModule], str], dt
         yield f"{stem}.lora_up.weight", f.dtype, up_shape, f.last(f.data(0, k))
         if om.magnitude is not None:
             shape = _magnitude_shape(om, up_shape, down_shape)
-            yield f"{stem}.dora_scale", f.dtype, shape, lambda f=f, s=shape: f.cast(f.om.magnitude().reshape(s))
+            magnitude = f.checked(lambda f=f, s=shape: f.cast(f.om.magnitude().reshape(s)), f.om.magnitude, 1.0)
+            yield f"{stem}.dora_scale", f.dtype, shape, magnitude
         if om.bias is not None:
-            yield f"{stem}.diff_b", f.dtype, (up_shape[0],), lambda f=f: f.cast(f.om.bias())
+            yield f"{stem}.diff_b", f.dtype, (up_shape[0],), f.checked(lambda f=f: f.cast(f.om.bias()), f.om.bias, 1.0)
 
 
 def fold(scale: float, down_shape=(), up_shape=()) -> tuple[float, float]:
@@ -159,10 +207,12 @@ def a_b_items(mods: list[OutModule], stem_of: Callable[[OutModule], str], dtype:
                 raise UsageError(f"{om.name}: column-wise DoRA (dora_scale [1, in]) has no {fmt} spelling; "
                                  "PEFT's magnitude is per output row")
             key = f"{stem}.lora_magnitude_vector" + ("" if fmt == "peft" else ".weight")
-            yield key, f.dtype, (up_shape[0],), lambda f=f: f.cast(f.om.magnitude().reshape(-1))
+            yield key, f.dtype, (up_shape[0],), f.checked(lambda f=f: f.cast(f.om.magnitude().reshape(-1)),
+                                                          f.om.magnitude, 1.0)
         if om.bias is not None:
             k = 1.0 if folded else 1.0 / om.scale  # PEFT multiplies lora_B.bias by the scale
-            yield f"{stem}.lora_B.bias", f.dtype, (up_shape[0],), lambda f=f, k=k: f.cast(f.om.bias() * k)
+            yield f"{stem}.lora_B.bias", f.dtype, (up_shape[0],), f.checked(lambda f=f, k=k: f.cast(f.om.bias() * k),
+                                                                            f.om.bias, k)
 
 
 def peft_config(mods: list[OutModule], base_model: str | None = None, folded: bool = False) -> dict:
