@@ -61,10 +61,12 @@ def _check(family, source, out, to, src_path, mixed=False):
         assert h.max_rel_diff(h.run(fresh), h.reference_outputs(fresh, source)) <= RTOL
 
 
+@pytest.mark.parametrize("names", [None, "diffusers"])
 @pytest.mark.parametrize("family", DIFFUSERS_READS_KOHYA)
-def test_uniform_kohya_file_loads_in_diffusers(family, written, tmp_path):
+def test_uniform_kohya_file_loads_in_diffusers(family, names, written, tmp_path):
+    """diffusers reads SD 1.x and SDXL kohya files in both spellings (SGM and diffusers names for SDXL)."""
     source = written(family, mixed=False)
-    out = loratools.convert(source.path, "kohya", f"{tmp_path}/out/", family=family)
+    out = loratools.convert(source.path, "kohya", f"{tmp_path}/out/", family=family, kohya_names=names)
     _check(family, source, out.output, "kohya", source.path)
 
 
@@ -337,10 +339,14 @@ def test_flux_kohya_and_comfy_files_in_diffusers_reader_at_released_widths(to, f
     assert {k.rsplit(".lora_", 1)[0] for k in read} - loaded == {n.split(".", 1)[1] for n in outside}
 
 
-@pytest.mark.parametrize("family,to", [("sd1", "comfy"), ("sdxl", "comfy"), ("sd3", "kohya"), ("sd3", "comfy")])
-def test_files_diffusers_does_not_read(family, to, written, tmp_path):
+@pytest.mark.parametrize("family,to,names", [
+    ("sd1", "comfy", None), ("sdxl", "comfy", None), ("sd3", "kohya", None), ("sd3", "kohya", "diffusers"),
+    ("sd3", "comfy", None), ("flux1", "kohya", "diffusers"),
+    ("flux1", "kohya", None),  # tiny widths: the reader splits fused weights at the released ones
+])
+def test_files_diffusers_does_not_read(family, to, names, written, tmp_path):
     """The matrix's "no" cells for diffusers: it has no reader for these files (they load elsewhere)."""
     source = written(family)
-    out = loratools.convert(source.path, to, f"{tmp_path}/out/", family=family)
+    out = loratools.convert(source.path, to, f"{tmp_path}/out/", family=family, kohya_names=names)
     with pytest.raises(AssertionError, match="could not load|No LoRA keys"):
         h.load_with_diffusers(family, h.build(family), out.output, expect=source.expect)
