@@ -20,11 +20,12 @@ changed); an output nobody claimed is never replaced unless the job says ``"over
 
 from __future__ import annotations
 
-import inspect as _signature
 import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
+from inspect import signature
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
@@ -38,12 +39,13 @@ STATE_FOLDER = ".loratools-jobs"
 SAVE_ARGS = ("to", "family", "dtype", "overwrite", "sync", "allow_nonfinite")  # resize and merge write with save
 
 
+@lru_cache(maxsize=1)
 def _ops() -> dict[str, tuple[Callable, set[str]]]:
     """op -> (API function, the arguments a job may give): read from the functions themselves."""
     from loratools import api
 
     def names(fn, *skip: str) -> set[str]:
-        return {p for p in _signature.signature(fn).parameters if p not in skip}
+        return {p for p in signature(fn).parameters if p not in skip}
 
     return {"convert": (api.convert, names(api.convert, "path", "many") | {"input"}),
             "resize": (api.resize, names(api.resize, "lora") | {"input", "output", *SAVE_ARGS}),
