@@ -20,10 +20,10 @@ NATIVE, DIFFUSERS = "native", "diffusers"
 
 
 class Part(NamedTuple):
-    """Row slice ``index`` of a fused weight whose parts have relative sizes ``sizes`` (× in-features)."""
+    """Row slice ``index`` of a fused weight whose parts have relative sizes ``sizes`` (see ``NameRule.sizes``)."""
 
     index: int
-    sizes: tuple[int, ...]
+    sizes: tuple[int | None, ...]
 
 
 class Canon(NamedTuple):
@@ -34,9 +34,14 @@ class Canon(NamedTuple):
 
 
 class NameRule(NamedTuple):
+    """One native module and its diffusers name(s). A fused native weight lists its parts in row order; ``sizes``
+    gives each part's rows as a multiple of the in-features, or None for parts that share equally what the sized
+    parts leave (grouped-query attention: q is 1 × in-features, k and v split the rest). Without None, the last part
+    takes the rest."""
+
     native: str
     diffusers: tuple[str, ...]
-    sizes: tuple[int, ...] | None = None
+    sizes: tuple[int | None, ...] | None = None
     swap_halves: str | None = None  # "always" | "when_out_is_2x_in": B's two row halves trade places
 
     @property
@@ -49,19 +54,34 @@ class NameRule(NamedTuple):
         for k, d in enumerate(self.diffusers):
             yield DIFFUSERS, (k if self.fused else None), d
 
+    def _sizes(self) -> tuple[int | None, ...]:
+        return self.sizes or (1,) * len(self.diffusers)
+
     def bounds(self, in_dim: int, out_dim: int, name: str) -> list[tuple[int, int]]:
-        """Row ranges of the parts: every part but the last is sizes[k] × in-features, the last takes the rest."""
+        """Row ranges of the parts in a fused weight of ``out_dim`` rows."""
         from ..errors import FormatError
 
-        sizes = self.sizes or (1,) * len(self.diffusers)
-        bounds, lo = [], 0
-        for k, size in enumerate(sizes):
-            hi = out_dim if k == len(sizes) - 1 else lo + size * in_dim
-            bounds.append((lo, hi))
-            lo = hi
-        if bounds[-1][1] <= bounds[-1][0] or (len(bounds) > 1 and bounds[-2][1] > out_dim):
-            raise FormatError(f"{name}: {out_dim} rows do not split into parts of {list(sizes)} × {in_dim}")
-        return bounds
+        sizes = self._sizes()
+        shared = sizes.count(None)
+        fixed = sum(s * in_dim for s in sizes if s is not None)
+        if shared:
+            rest, odd = divmod(out_dim - fixed, shared)
+            rows = [rest if s is None else s * in_dim for s in sizes]
+        else:
+            odd = 0
+            rows = [s * in_dim for s in sizes[:-1]]
+            rows.append(out_dim - sum(rows))
+        if odd or min(rows) <= 0:
+            shown = ["rest" if s is None else s for s in sizes]
+            raise FormatError(f"{name}: {out_dim} rows do not split into parts of {shown} × {in_dim}")
+        return [(sum(rows[:k]), sum(rows[:k + 1])) for k in range(len(rows))]
+
+    def part_rows(self, in_dim: int, seen: dict[int, int]) -> list[int | None]:
+        """Every part's row count from the parts ``seen`` (index -> rows) and the sizes; None where a shared part's
+        rows cannot be known without the fused weight (no part of its group was seen)."""
+        sizes = self._sizes()
+        shared = next((seen[k] for k, s in enumerate(sizes) if s is None and k in seen), None)
+        return [seen[k] if k in seen else (s * in_dim if s is not None else shared) for k, s in enumerate(sizes)]
 
     def swaps(self, canon_naming: str, target_naming: str, out_dim: int, in_dim: int) -> bool:
         """Whether B's row halves trade places between the naming a module was found in and ``target_naming``."""

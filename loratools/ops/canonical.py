@@ -184,12 +184,15 @@ def _fuse(members: list[tuple[Module, Canon]], rule) -> OutModule:
     by_index = {c.part.index: m for m, c in members}
     first = members[0][0]
     in_dim = first.adapter.in_dim
-    sizes = rule.sizes
-    rows = [(by_index[k].adapter.out_dim if k in by_index else sizes[k] * in_dim) for k in range(len(sizes))]
+    rows = rule.part_rows(in_dim, {k: m.adapter.out_dim for k, m in by_index.items()})
+    if None in rows:
+        missing = [rule.diffusers[k] for k, r in enumerate(rows) if r is None]
+        raise UsageError(f"{first.name}: cannot fuse into {rule.native} without {', '.join(missing)}: their rows "
+                         "depend on the model's configuration (write the diffusers naming instead)")
     offsets = [sum(rows[:k]) for k in range(len(rows))]
     mods = [by_index[k] for k in sorted(by_index)]
     # every part present with one shared A and scale: the diffusers split of a fused LoRA, re-fused at its rank
-    same = len(mods) == len(sizes) and len({(m.rank, m.scale) for m in mods}) == 1 and _same_down(mods)
+    same = len(mods) == len(rows) and len({(m.rank, m.scale) for m in mods}) == 1 and _same_down(mods)
     total_rank = sum(m.rank for m in mods)
 
     def factors():

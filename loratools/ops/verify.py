@@ -48,25 +48,34 @@ def _pieces(lora: Lora, family: Family) -> dict[tuple[str, str], list]:
         rule = family.naming.rule(c.space, c.native)
         if rule.swaps(c.naming, NATIVE, up.shape[0], a.in_dim or 0):
             up = swap_halves(up)
-        rows, offset = up.shape[0], 0
-        if c.part is not None:
-            in_dim = a.in_dim
-            sizes = rule.sizes
-            full = sum(sizes) * in_dim  # the last part may be larger; placed below by its own row count
-            offset = sum(sizes[: c.part.index]) * in_dim
-            rows = max(full, offset + up.shape[0])
         if m.magnitude is not None:
             out[(c.space, c.native, "magnitude")].append(m.magnitude.torch().double().reshape(-1))
-        out[(c.space, c.native)].append((up, down, offset, rows))
+        out[(c.space, c.native)].append((up, down, c.part.index if c.part else None, rule, a.in_dim))
     return out
 
 
-def _as_factors(pieces, rows: int):
+def _layout(pieces) -> tuple[list[int], int]:
+    """Row offset of each part and the total rows of one native weight, from the pieces of both files: a whole
+    (fused) piece gives the exact split; otherwise the parts seen give their own rows (a shared-size part that
+    neither file has gets none: it is zero in both)."""
+    whole = next((p for p in pieces if p[2] is None), None)
+    _, _, _, rule, in_dim = pieces[0]
+    if not rule.fused:
+        return [0], whole[0].shape[0]
+    if whole is not None:
+        bounds = rule.bounds(in_dim, whole[0].shape[0], rule.native)
+        return [lo for lo, _ in bounds], bounds[-1][1]
+    rows = [r or 0 for r in rule.part_rows(in_dim, {p[2]: p[0].shape[0] for p in pieces})]
+    return [sum(rows[:k]) for k in range(len(rows))], sum(rows)
+
+
+def _as_factors(pieces, offsets: list[int], rows: int):
     """Stack pieces into one (B, A) pair of ΔW (dense pieces become B = ΔW, A = I)."""
     import torch
 
     ups, downs = [], []
-    for up, down, offset, _ in pieces:
+    for up, down, part, _, _ in pieces:
+        offset = offsets[part] if part is not None else 0
         if down is None:
             down = torch.eye(up.shape[1], dtype=up.dtype)
         placed = torch.zeros(rows, up.shape[1], dtype=up.dtype)
@@ -126,8 +135,8 @@ def _compare(a: Lora, b: Lora, rtol: float, fam: Family) -> VerifyResult:
             x, y = pa[key][0], pb[key][0]
             err = float((x - y).norm() / max(float(y.norm()), float(x.norm()), 1e-30)) if x.shape == y.shape else 1.0
         else:
-            rows = max(p[3] for p in pa[key] + pb[key])
-            fa, fb = _as_factors(pa[key], rows), _as_factors(pb[key], rows)
+            offsets, rows = _layout(pa[key] + pb[key])
+            fa, fb = _as_factors(pa[key], offsets, rows), _as_factors(pb[key], offsets, rows)
             if fa is None or fb is None or fa[1].shape[1] != fb[1].shape[1]:
                 err = float("inf")
             else:
