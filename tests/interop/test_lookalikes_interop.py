@@ -174,7 +174,7 @@ EXPECTED = {
 
 def _released_lora(model: str, targets: str, path, metadata: dict | None = None) -> str:
     """A LoRA with PEFT's names and shapes for the released configuration of ``model`` (built on the meta device;
-    rank 1, zero bf16 factors: detection reads names and shapes only)."""
+    rank 1, random bf16 factors)."""
     from accelerate import init_empty_weights
 
     cls_name, config = RELEASED[model]
@@ -182,7 +182,8 @@ def _released_lora(model: str, targets: str, path, metadata: dict | None = None)
         net = getattr(diffusers, cls_name)(**config)
     names = sorted({n for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)})
     net.add_adapter(LoraConfig(r=1, lora_alpha=1, target_modules=names if targets == "all" else list(ATTENTION)))
-    state = {f"transformer.{k}": torch.zeros(v.shape, dtype=torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    state = {f"transformer.{k}": torch.randn(v.shape, generator=gen).to(torch.bfloat16)
              for k, v in get_peft_model_state_dict(net).items()}
     save_file(state, str(path), metadata=metadata)
     return str(path)
@@ -219,3 +220,18 @@ def test_metadata_breaks_only_ties_the_keys_leave(model, targets, metadata, deci
     assert fam["id"] == decided, fam
     claim = next(c for c in fam["metadata_claims"] if c["key"] in metadata)
     assert claim["agrees"] is (claim["family"] == decided)
+
+
+@pytest.mark.parametrize("model,targets", [("flux1", "attention"), ("wan21_14b", "all")])  # one per kind of tie
+def test_released_ties_are_written_only_as_every_candidate_writes_them(model, targets, tmp_path):
+    """FLUX.1 ⇄ Chroma and Wan 2.1 ⇄ Wan 2.2 LoRAs the keys cannot separate are written without --family only
+    because each candidate writes the very same file (then no family is recorded)."""
+    path = _released_lora(model, targets, tmp_path / "lora.safetensors")
+    candidates = sorted(EXPECTED[model, targets])
+    for to in TARGETS:
+        done = loratools.convert(path, to, tmp_path / "auto" / f"x.{to}")
+        assert done.family == "unknown", to
+        written = _tensors(done.output)
+        for fid in candidates:
+            told = _tensors(loratools.convert(path, to, tmp_path / fid / f"x.{to}", family=fid).output)
+            assert told.keys() == written.keys() and all(torch.equal(told[k], written[k]) for k in told), (to, fid)
