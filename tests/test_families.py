@@ -171,6 +171,20 @@ def test_lora_layouts(path):
 
 
 @pytest.mark.skipif(LAYOUTS is None, reason="no layout files")
+def test_no_family_order_or_prior_decides():
+    """The same answer, confidence and candidates for every real layout whether the families are examined in their
+    usual order or reversed: ties are broken by evidence, never by which family comes first."""
+    every = load_families()
+    backwards = dict(reversed(list(every.items())))
+    for path in _layouts("lora") + _layouts("checkpoint"):
+        layout = _load(path)
+        evidence, metadata = layout_evidence(layout), layout.get("metadata", {})
+        a, b = detect_family(evidence, metadata), detect_family(evidence, metadata, families=backwards)
+        assert (a.id, a.variant, a.confidence, sorted(a.candidates)) == (
+            b.id, b.variant, b.confidence, sorted(b.candidates)), path.name
+
+
+@pytest.mark.skipif(LAYOUTS is None, reason="no layout files")
 def test_decisive_layouts_are_confident():
     for name, fid, variant in [
         ("flux1__kohya__invokeai-te1-te3.json", "flux1", None),
