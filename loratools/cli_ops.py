@@ -78,7 +78,8 @@ def resize(path, rank, dynamic, max_rank, lossy_rank, output, to, family, device
 
     with api.load(path, family=family) as lora:
         result, report = api.resize(lora, rank=rank, dynamic=dynamic, max_rank=max_rank, lossy_rank=lossy_rank,
-                                    device=device, allow_nonfinite=allow_nonfinite)
+                                    device=device, dtype=None if dtype == "keep" else dtype,
+                                    allow_nonfinite=allow_nonfinite)
         _finish(result, report, output, to, family, dtype, overwrite, as_json, "resize", allow_nonfinite)
 
 
@@ -125,7 +126,7 @@ def merge(paths, method, allow_mixed_families, rank, dynamic, max_rank, lossy_ra
             loaded.append((api.load(path, family=family), weight))
         result, report = api.merge(loaded, method=method, rank=rank, dynamic=dynamic, max_rank=max_rank,
                                    lossy_rank=lossy_rank, device=device, allow_mixed_families=allow_mixed_families,
-                                   allow_nonfinite=allow_nonfinite)
+                                   dtype=None if dtype == "keep" else dtype, allow_nonfinite=allow_nonfinite)
         _finish(result, report, output, to, family, dtype, overwrite, as_json, "merge", allow_nonfinite)
     finally:
         for lora, _ in loaded:

@@ -90,6 +90,16 @@ def test_a_scale_folded_beyond_the_factor_dtype_is_refused_not_written_as_inf_or
     assert cli("convert", src, "--to", "kohya", "-o", tmp_path / "k.safetensors", "--family", "sd1")[0] == 0
 
 
+def test_a_merge_whose_result_leaves_the_storage_dtype_is_refused(tmp_path, cli):
+    """concat folds each input's scale into lora_up: alpha/r = 2.5e5 on fp16 factors is beyond fp16."""
+    src = _kohya(tmp_path / "loud.safetensors", alpha=1e6)
+    out = tmp_path / "m.safetensors"
+    _refused(cli("merge", src, src, "-o", out, "--family", "sd1"), "down_blocks_0_attentions_0_proj_in",
+             "beyond float16's range", "--dtype")
+    assert not out.exists()
+    assert cli("merge", src, src, "-o", out, "--family", "sd1", "--dtype", "fp32")[0] == 0
+
+
 def test_a_cast_to_a_narrower_dtype_that_overflows_is_refused(tmp_path, cli):
     up = np.random.default_rng(11).standard_normal((320, 4)) * 1e5
     src = _kohya(tmp_path / "big.safetensors", up=up, dtype=np.float32)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loratools.adapters import LoRA
-from loratools.errors import UsageError
+from loratools.errors import FormatError, UsageError
 from loratools.io.reader import DTYPE_SIZES
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.validate import check_writable
@@ -201,7 +201,11 @@ def lora_module(template: Module, up, down, alpha: float, f: Factors, mem: Memor
     out = dtype or f.dtype
 
     def stored(x, shape):  # a fresh row-major host tensor: QR outputs come column-major, even along unit dims
-        return torch.empty(shape, dtype=out).copy_(x.reshape(shape))
+        t = torch.empty(shape, dtype=out).copy_(x.reshape(shape))
+        if not bool(torch.isfinite(t).all()) and bool(torch.isfinite(x).all()):
+            raise FormatError(f"module {template.name}: the result lies beyond {str(out).removeprefix('torch.')}'s "
+                              "range (Inf); pass a wider --dtype")
+        return t
 
     down_t = stored(down, (k, *f.shape[1:]))
     up_t = stored(up, (f.shape[0], k, *([1] * (f.up_ndim - 2))))
