@@ -204,7 +204,7 @@ def scan(paths: Iterable[str | os.PathLike], catalogue: str | os.PathLike | None
          jobs: int = 1) -> list[dict]:
     """Records for every LoRA-like file under ``paths`` (see ``inspect_one``). With ``catalogue`` (a .jsonl path),
     files whose size and mtime did not change keep their old record, and the catalogue is rewritten atomically
-    with the new records (files that are gone are dropped)."""
+    with the new records when any changed (files that are gone are dropped)."""
     files = list(walk(paths))
     old = read_catalogue(catalogue) if catalogue is not None else {}
     todo = [p for p in files if not _unchanged(old.get(p), p, hashes)]
@@ -217,7 +217,7 @@ def scan(paths: Iterable[str | os.PathLike], catalogue: str | os.PathLike | None
         for p in todo:
             fresh[p] = _safe_one((p, hashes))
     records = [fresh.get(p) or {**old[p], "reused": True} for p in files]
-    if catalogue is not None:
+    if catalogue is not None and (fresh or list(old) != files):  # an unchanged catalogue is not rewritten
         write_catalogue(catalogue, records)
     return records
 

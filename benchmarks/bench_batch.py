@@ -1,0 +1,117 @@
+"""A batch conversion of many LoRA files to diffusers against `cp -r` of the same files, in one run.
+
+    python benchmarks/bench_batch.py [--files 1000] [--keep DIR] [--jobs 2]
+
+The files: whole real layouts (real module names and dimensions) that convert to diffusers, at ranks 2, 4 and 8,
+from tens of kB to tens of MB. Variants, each in a fresh process after os.sync() over a warm page cache:
+`cp -r` of the folder (the I/O floor), `loratools batch` of one convert job per file (in one process, and with
+--jobs worker processes), the same batch rerun (every job skipped), a plain loop of `loratools.convert` in one
+process (what the batch adds: its claims and checks), and `loratools convert` started once per file (the start-up
+the batch amortises; timed on the first 5% of the files and scaled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import ROOT, compile_bytecode, table
+
+sys.path.insert(0, str(ROOT / "tests"))
+
+from synth import synthesize  # noqa: E402
+
+PY = sys.executable
+LAYOUTS = ["sdxl__kohya__invokeai-slider-keys-only.json", "sd15__kohya__safetensorsutil-keys-only.json",
+           "sd15__peft__faithsang.json", "sd2__diffusers_lora_linear__justinjiang.json",
+           "flux1__diffusers_lora_linear__invokeai-cctv.json", "flux1__peft__invokeai-base-model.json",
+           "wan21__diffusion_model_peft__issue-fragment.json", "wan22__comfy_lora__invokeai-lightx2v-fragment.json"]
+LOOP = """
+import json, sys, loratools
+for job in map(json.loads, open(sys.argv[1])):
+    loratools.convert(job["input"], job["to"], job["output"])
+"""
+
+
+def make(folder: Path, count: int) -> None:
+    rng = random.Random(0)
+    for i in range(count):
+        name, rank = rng.choice(LAYOUTS), rng.choice((2, 4, 8))
+        sub = folder / f"{i // 250:02d}"
+        sub.mkdir(exist_ok=True)
+        synthesize(name, sub / f"l{i:04d}.safetensors", seed=i, rank=rank)
+
+
+def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> float:
+    os.sync()
+    start = time.perf_counter()
+    code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT).returncode
+    seconds = time.perf_counter() - start
+    if code not in ok:
+        raise SystemExit(f"failed ({code}): {' '.join(cmd)}")
+    return seconds
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--files", type=int, default=1000)
+    ap.add_argument("--keep", default=None, help="Build the inputs here once and reuse them on later runs.")
+    ap.add_argument("--jobs", type=int, default=2)
+    args = ap.parse_args()
+    compile_bytecode()
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(args.keep or tmp) / f"batch-inputs-{args.files}"
+        built = src.with_name(src.name + ".built")
+        if not built.exists():
+            src.mkdir(parents=True, exist_ok=True)
+            make(src, args.files)
+            built.write_text("")
+        files = sorted(src.rglob("*.safetensors"))
+        size = sum(p.stat().st_size for p in files) / 2**20
+        work = Path(tmp) / "work"
+
+        def manifest(out: Path, subset: list[Path] = files) -> str:
+            path = Path(tmp) / f"{out.name}.jsonl"
+            path.write_text("".join(json.dumps({"op": "convert", "input": str(p), "to": "diffusers",
+                                                "output": f"{out}/{p.parent.name}/"}) + "\n" for p in subset))
+            return str(path)
+
+        def fresh(name: str) -> Path:
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir()
+            return work / name
+
+        timed(["cp", "-r", str(src), str(fresh("warm"))])  # warm the page cache
+        cli = [PY, "-m", "loratools"]
+        rows = []
+        rows.append(["cp -r", timed(["cp", "-r", str(src), str(fresh("copy"))])])
+        batch_out = fresh("batch1")
+        rows.append(["loratools batch (one process)", timed(cli + ["batch", manifest(batch_out)], ok=(0, 1))])
+        rows.append(["loratools batch, rerun (all skipped)", timed(cli + ["batch", manifest(batch_out)], ok=(0, 1))])
+        rows.append([f"loratools batch --jobs {args.jobs}",
+                     timed(cli + ["batch", manifest(fresh("batchN")), "--jobs", str(args.jobs)], ok=(0, 1))])
+        rows.append(["loop of loratools.convert (one process)", timed([PY, "-c", LOOP, manifest(fresh("loop"))])])
+        sample = files[:: 20]
+        single = fresh("single")
+        start = time.perf_counter()
+        for p in sample:
+            timed(cli + ["convert", str(p), "--to", "diffusers", "-o", f"{single}/{p.parent.name}/"])
+        rows.append([f"loratools convert per file (x{len(files) / len(sample):.0f} of {len(sample)} files)",
+                     (time.perf_counter() - start) * len(files) / len(sample)])
+        shutil.rmtree(work, ignore_errors=True)
+    floor = rows[0][1]
+    print(f"{len(files)} LoRA files ({size:.0f} MB) to diffusers, {os.cpu_count()} cores")
+    print(table([[label, f"{s:.2f}", f"{len(files) / s:.0f}", f"{s / floor:.1f}x"] for label, s in rows],
+                ["variant", "seconds", "files/s", "vs cp -r"]))
+
+
+if __name__ == "__main__":
+    main()
