@@ -402,6 +402,20 @@ def test_hostile_base_checkpoints_for_bake_and_extract(tmp_path, cli, damage):
     assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "x.safetensors").exists()
 
 
+def test_a_bake_that_overflows_the_base_dtype_is_refused(tmp_path, cli):
+    """fp16 base weights near 6e4 plus a ΔW of 1e4 do not fit fp16: the checkpoint would hold Inf."""
+    base = _sd1_base(tmp_path / "base.safetensors")
+    weights = load_file(str(base))
+    weights["model.diffusion_model.input_blocks.1.1.proj_in.weight"][:] = 6e4
+    save_file(weights, str(base))
+    lora = _kohya(tmp_path / "l.safetensors", up=np.full((320, 4), 2500.0), down=np.ones((4, 320)))
+    out = tmp_path / "o.safetensors"
+    _refused(cli("bake", base, lora, "-o", out, "--family", "sd1"), "base.safetensors",
+             "down_blocks_0_attentions_0_proj_in", "beyond float16's range", "--dtype")
+    assert not out.exists()
+    assert cli("bake", base, lora, "-o", out, "--family", "sd1", "--dtype", "fp32")[0] == 0
+
+
 def test_a_pickle_inside_a_base_folder_is_named_as_a_pickle(tmp_path, cli):
     """Not 'header too large (578712552184433488 bytes)': the first bytes of a torch.save file say what it is."""
     import torch

@@ -8,7 +8,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-from loratools.errors import ShapeMismatch, UsageError
+from loratools.errors import FormatError, ShapeMismatch, UsageError
 from loratools.model import Module
 from loratools.ops.canonical import swap_halves
 from loratools.ops.placement import Placement
@@ -160,11 +160,26 @@ def patch_tensor(w, patches: list[Patch], device, out_dtype, in_place: bool = Fa
         if products is None:
             products = cpu_products(patches, device)
         if all(pr is not None and _fits(pr, _target_shape(w.shape, p.where.rows)) for pr, p in zip(products, patches)):
-            return _patch_in_blocks(w, products, out_dtype, in_place)
+            return _patch_in_blocks(w, products, out_dtype, in_place, patches)
     x = w.to(device, non_blocking=True).to(torch.float32)
     for p in patches:
         apply_bias(x, p, device) if p.bias else apply_weight(x, p, device)
-    return x.to(out_dtype).cpu()
+    out = x.to(out_dtype)
+    _check_range(out, x, patches)
+    return out.cpu()
+
+
+def _check_range(out, x, patches: list[Patch]) -> None:
+    """Refuse a patched weight that the narrowing to its dtype made Inf (``x``: the float32 result, finite when
+    base and LoRA were): a baked checkpoint full of Inf is no model. NaN/Inf already in ``x`` pass through."""
+    import torch
+
+    wide = out.float() if out.element_size() == 1 else out  # torch has no isfinite for float8
+    if bool(torch.isfinite(wide).all()) or not bool(torch.isfinite(x).all()):
+        return
+    names = ", ".join(dict.fromkeys(p.module.name for p in patches))
+    raise FormatError(f"baking {names} puts weights beyond {str(out.dtype).removeprefix('torch.')}'s range (Inf); "
+                      "bake with a wider --dtype or a lower strength")
 
 
 def cpu_products(patches: list[Patch], device) -> list | None:
@@ -185,7 +200,7 @@ _BLOCK_BYTES = 2 << 20
 _scratch = threading.local()
 
 
-def _patch_in_blocks(w, products, out_dtype, in_place: bool = False):
+def _patch_in_blocks(w, products, out_dtype, in_place: bool = False, patches: list[Patch] = ()):
     """W + Σ factor·B@A on CPU, block of rows by block of rows; the same float32 arithmetic as the whole-tensor
     path (each output row depends only on its own row of W and of B, so the result may overwrite W: each block
     is read before it is written). In place, the result never needs memory of its own, which is new memory
@@ -211,6 +226,7 @@ def _patch_in_blocks(w, products, out_dtype, in_place: bool = False):
             if lo < hi:
                 x[lo - r0: hi - r0].addmm_(up[lo - first: hi - first], down, alpha=factor)
         dst[r0:r1].copy_(x)
+        _check_range(dst[r0:r1], x, patches)  # the block is still in the cache
     return out
 
 
