@@ -248,6 +248,17 @@ def test_cli_report_json_and_refusals(files, tmp_path):
     assert same.exit_code != 0 and os.path.getsize(src) > 0
 
 
+def test_a_folder_stands_for_its_loras(files, tmp_path):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    for name in ("sdxl__kohya__invokeai-slider-keys-only.json", "flux1__kohya__invokeai-pokemon.json"):
+        shutil.copy(files[name], folder / files[name].name)
+    result = loratools.report(folder, hashes=False)
+    assert result.output == str(tmp_path / "loras.report.html") and os.path.isfile(result.output)
+    assert sorted(d["inspect"]["family"]["id"] for d in result.data["loras"]) == ["flux1", "sdxl"]
+    assert [c["component"] for c in result.data["axis"]] == ["transformer", "unet"]
+
+
 def test_inspect_plot_writes_the_block_map(files, tmp_path):
     src = files["sd15__kohya__safetensorsutil-keys-only.json"]
     png = tmp_path / "blocks.png"

@@ -41,10 +41,13 @@ def _spec(spec) -> tuple[str, float]:
 
 
 def _specs(paths) -> list[tuple[str, float]]:
-    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    """(path, strength) of every LoRA named; a plain folder stands for the LoRA files in it (as for inspect)."""
+    from loratools.io.sources import expand_paths
+
+    items = [paths] if isinstance(paths, (str, os.PathLike, tuple)) else list(paths)
     if not items:
         raise UsageError("no LoRA files given")
-    return [_spec(p) for p in items]
+    return [(found, strength) for path, strength in map(_spec, items) for found in expand_paths([path])]
 
 
 def collect(paths, *, ranks=None, dynamic=None, family: str | None = None, allow_pickle: bool = False,
@@ -64,6 +67,13 @@ def collect(paths, *, ranks=None, dynamic=None, family: str | None = None, allow
             loras.append(lora_data(lora, strength=strength, ranks=ranks, dynamic=dynamic, hashes=hashes,
                                    label=label))
     return report_data(loras)
+
+
+def _first(paths: list) -> str:
+    """The first path as given (a folder names the page after itself)."""
+    if not paths:
+        raise UsageError("no LoRA files given")
+    return _spec(paths[0])[0]
 
 
 def _destination(first: str, output, suffix: str, inputs: list[str]) -> Path:
@@ -111,8 +121,9 @@ def _report(paths, output=None, *, ranks=None, dynamic=None, family: str | None 
     """
     from loratools.visual import html
 
+    paths = [paths] if isinstance(paths, (str, os.PathLike, tuple)) else list(paths)
     specs = _specs(paths)
-    dest = _destination(specs[0][0], output, ".report.html", [p for p, _ in specs])
+    dest = _destination(_first(paths), output, ".report.html", [p for p, _ in specs])
     if os.path.lexists(dest) and not overwrite:  # before the work, not only when writing
         raise UsageError("output exists; pass --overwrite to replace it", dest)
     data = collect(specs, ranks=ranks, dynamic=dynamic, family=family, allow_pickle=allow_pickle, hashes=hashes)
@@ -129,8 +140,9 @@ def plot(paths, output, *, family: str | None = None, allow_pickle: bool = False
     """
     from loratools.visual import render
 
+    paths = [paths] if isinstance(paths, (str, os.PathLike, tuple)) else list(paths)
     specs = _specs(paths)
-    dest = _destination(specs[0][0], output, ".blocks.png", [p for p, _ in specs])
+    dest = _destination(_first(paths), output, ".blocks.png", [p for p, _ in specs])
     if os.path.lexists(dest) and not overwrite:
         raise UsageError("output exists; pass --overwrite to replace it", dest)
     data = collect(specs, ranks=[], dynamic=[], family=family, allow_pickle=allow_pickle, hashes=False)

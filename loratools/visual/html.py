@@ -198,6 +198,8 @@ def _top_modules(data: dict, n: int = 12) -> str:
 
 def lora_section(data: dict, axis: list[dict], key: str) -> str:
     """One LoRA: flags, summary, strength map, spectra, resize table, strongest modules, training metadata."""
+    own = {c["component"] for c in data["blocks"]}
+    axis = [c for c in axis if c["component"] in own] or axis  # the shared cells of the components it has
     block_map = render.svg(render.block_map([data], axis), f"{key}-map")
     spectra = render.svg(render.spectra(data), f"{key}-spectra")
     return (f'<section id="{key}"><h2>{escape(data["label"])}</h2><div class="path">{escape(data["path"])}</div>'

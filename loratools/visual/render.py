@@ -78,7 +78,9 @@ def _ticks(ax, component: dict, xs: list[int], spans) -> None:
 
 
 def _width_ratios(axis: list[dict]) -> list[float]:
-    return [max(len(c["cells"]), 6) + 2 for c in axis]
+    """Panel widths: the denoiser's by its cells; text encoders' at half a cell each (they are narrower models and
+    the denoiser is what a map is read for)."""
+    return [(1 if k == 0 else 0.5) * max(len(c["cells"]), 6) + 2 for k, c in enumerate(axis)]
 
 
 def block_map(loras: list[dict], axis: list[dict], title: str | None = None):
