@@ -163,7 +163,7 @@ EXPECTED = {
     ("chroma", "all"): "chroma", ("chroma", "attention"): {"flux1", "chroma"},
     ("flux2", "attention"): "flux2", ("qwen_image", "attention"): "qwen_image",
     ("hunyuan_video", "all"): "hunyuan_video", ("hunyuan_video", "attention"): "hunyuan_video",
-    # complete block counts: CogVideoX 2B/5B have 30/42 blocks, Mochi 48 (3072 wide like the 5B), so 42 is only part of it
+    # complete block counts: CogVideoX 2B/5B have 30/42 blocks, Mochi 48 (3072 wide like the 5B): 42 is part of it
     ("cogvideox_2b", "attention"): "cogvideox", ("cogvideox_5b", "attention"): "cogvideox",
     ("mochi", "attention"): "mochi",
     ("wan21_1.3b", "all"): "wan21", ("wan21_14b", "all"): {"wan21", "wan22"},
