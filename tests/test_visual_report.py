@@ -113,11 +113,6 @@ def test_numbers_are_inspect_stats_and_blocks_follow_the_model(name, files, tmp_
 
 def test_modules_land_in_their_blocks():
     """Blocks come from canonical names: kohya and diffusers spellings of one module meet in one block."""
-    class M:
-        def __init__(self, component, name, in_dim=None):
-            self.component, self.name = component, name
-            self.adapter = type("A", (), {"in_dim": in_dim})()
-
     sd1 = Placer("sd1", "kohya", [])
     assert sd1.place("unet", "down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q")[0].block == \
         "input_blocks 1"

@@ -193,6 +193,11 @@ def spectra(data: dict):
     ax_s.set_xlabel("i", fontsize=FONT)
     ax_e.set_xlabel("rank k", fontsize=FONT)
     ax_e.set_ylim(0, 1.02)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_s, ax_e):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_r.xaxis.set_major_locator(MaxNLocator(nbins=5))
     for ax in (ax_s, ax_e, ax_r):
         ax.tick_params(labelsize=FONT - 1)
         ax.grid(alpha=0.3)
@@ -219,6 +224,10 @@ def energy_overlay(loras: list[dict]):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator([2 ** k for k in range(longest.bit_length())]))
         ax.xaxis.set_major_formatter(ScalarFormatter())
+    else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.tick_params(labelsize=FONT - 1)
     ax.legend(fontsize=FONT - 1, loc="lower right")
