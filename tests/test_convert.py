@@ -334,3 +334,48 @@ def test_cli_verify_exit_codes(tmp_path, f32_layout):
     assert same.exit_code == 0 and json.loads(same.stdout)["equal"] is True
     diff = runner.invoke(cli, ["verify", str(a), str(b)])
     assert diff.exit_code == 1 and "DIFFERENT" in diff.stdout
+
+
+# --- NaN, Inf and zero: the bit tests of the checks and writers ---------------------------------------------
+
+_TORCH_OF = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+             "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+@pytest.mark.parametrize("dtype", list(_TORCH_OF))
+def test_the_finite_and_zero_tests_agree_with_the_values_on_every_bit_pattern(dtype):
+    """Every 8- and 16-bit pattern, and for the wider dtypes every exponent-all-ones pattern class plus random
+    ones: finite values pass together, and each non-finite one is found wherever it sits among finite ones; only
+    the two zeros count as zero."""
+    from loratools.io.arrays import all_finite, any_nonzero
+
+    width = torch.tensor([], dtype=_TORCH_OF[dtype]).element_size()
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]
+    rng = np.random.default_rng(5)
+    if width <= 2:
+        patterns = np.arange(2 ** (8 * width), dtype=np.uint64)
+    else:  # random patterns, and the all-ones exponent with random mantissas and both signs
+        mant = 52 if width == 8 else 23
+        top = ((1 << (8 * width - 1 - mant)) - 1) << mant
+        tail = rng.integers(0, 1 << mant, 2000, dtype=np.uint64)
+        tail[:2] = 0  # the infinities
+        specials = np.concatenate([tail | np.uint64(top), tail | np.uint64(top | (1 << (8 * width - 1)))])
+        zeros = np.array([0, 1 << (8 * width - 1)], dtype=np.uint64)
+        patterns = np.concatenate([rng.integers(1, 2 ** 63, 200_000, dtype=np.uint64), specials, zeros])
+    values = torch.from_numpy(patterns.astype(f"<u{width}").view(np.dtype(f"<i{width}") if width > 1 else np.uint8))
+    typed = values.view(ints).view(_TORCH_OF[dtype])
+    finite = torch.isfinite(typed.float() if width == 1 else typed).numpy()  # float8: no isfinite of its own
+    raw = patterns.astype(f"<u{width}")
+    assert all_finite(raw[finite].tobytes(), dtype)
+    bad = raw[~finite]
+    assert bad.size > 0
+    clean = raw[finite][:64]
+    for k, pattern in enumerate(bad):
+        buf = clean.copy()
+        buf[k % clean.size] = pattern
+        assert not all_finite(buf.tobytes(), dtype), hex(int(pattern))
+    # and the zero test the writers use on scaled factors: only +0 and -0 are zero
+    zero = ((typed.float() if width == 1 else typed) == 0).numpy()
+    assert not any_nonzero(raw[zero].tobytes(), dtype) and zero.sum() == 2
+    for pattern in raw[~zero][:: max(1, int((~zero).sum()) // 3000)]:
+        assert any_nonzero(np.concatenate([raw[zero], [pattern], raw[zero]]).tobytes(), dtype), hex(int(pattern))

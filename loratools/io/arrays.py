@@ -144,26 +144,38 @@ def _scale_bits(x: np.ndarray, e: int, shift: int, top: int) -> np.ndarray:
 
 # Bits that are all ones exactly in the NaN/Inf codes of each float dtype (float8 E4M3 has NaN only, 0x7F/0xFF).
 _NONFINITE_BITS = {"F16": ("<u2", 0x7C00), "BF16": ("<u2", 0x7F80), "F32": ("<u4", 0x7F800000),
-                   "F64": ("<u8", 0x7FF0000000000000), "F8_E5M2": ("u1", 0x7C)}
-_CHUNK = 1 << 20  # elements per pass: temporaries stay in the cache
+                   "F64": ("<u8", 0x7FF0000000000000), "F8_E5M2": ("u1", 0x7C), "F8_E4M3": ("u1", 0x7F)}
+# Every bit but the sign: zero exactly in +0 and -0. Other dtypes are looked at byte by byte (no -0 there).
+_MAGNITUDE_BITS = {"F16": ("<u2", 0x7FFF), "BF16": ("<u2", 0x7FFF), "F32": ("<u4", 0x7FFFFFFF),
+                   "F64": ("<u8", 0x7FFFFFFFFFFFFFFF), "F8_E4M3": ("u1", 0x7F), "F8_E5M2": ("u1", 0x7F)}
+_CHUNK = 1 << 16  # elements per pass: the temporary stays in the cache
+
+
+def _any_bits(raw, code: str, mask: int, every: bool) -> bool:
+    """Whether some element of ``raw`` (viewed as ``code``) has every bit of ``mask`` set (``every``) or any of
+    them; one cache-sized piece at a time, stopping at the first piece that has one."""
+    bits = np.frombuffer(raw, dtype=code)
+    mask = bits.dtype.type(mask)
+    scratch = np.empty(min(bits.size, _CHUNK), dtype=bits.dtype)
+    for start in range(0, bits.size, _CHUNK):
+        masked = scratch[: min(_CHUNK, bits.size - start)]
+        np.bitwise_and(bits[start : start + _CHUNK], mask, out=masked)
+        top = masked.max()  # a masked value is a subset of the mask's bits: the mask itself is the largest
+        hit = (top == mask) if every else (top != 0)
+        if hit:
+            return True
+    return False
 
 
 def all_finite(raw, dtype: str) -> bool:
     """Whether a tensor's stored bytes hold no NaN or Inf, read from the bits (no decoding, no float copy).
     Integer and bool tensors are finite."""
-    if dtype == "F8_E4M3":
-        return not bool((np.frombuffer(raw, dtype=np.uint8) & 0x7F == 0x7F).any())
     spec = _NONFINITE_BITS.get(dtype)
-    if spec is None:
-        return True
-    bits = np.frombuffer(raw, dtype=spec[0])
-    mask = bits.dtype.type(spec[1])
-    masked = np.empty(min(bits.size, _CHUNK), dtype=bits.dtype)  # reused: no allocation per chunk
-    hits = np.empty(masked.size, dtype=bool)
-    for start in range(0, bits.size, _CHUNK):
-        piece = bits[start:start + _CHUNK]
-        n = piece.size
-        np.bitwise_and(piece, mask, out=masked[:n])
-        if np.equal(masked[:n], mask, out=hits[:n]).any():
-            return False
-    return True
+    return spec is None or not _any_bits(raw, *spec, every=True)
+
+
+def any_nonzero(raw, dtype: str) -> bool:
+    """Whether a tensor's stored bytes hold a value other than +0 and -0 (stops at the first piece with one)."""
+    if dtype == "F8_E8M0":  # an exponent only: no code is zero
+        return len(raw) > 0
+    return _any_bits(raw, *_MAGNITUDE_BITS.get(dtype, ("u1", 0xFF)), every=False)
