@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -257,7 +258,7 @@ def test_interrupted_conversion_leaves_nothing(tmp_path, f32_layout, monkeypatch
         calls["n"] = 0
         with pytest.raises(KeyboardInterrupt):
             loratools.convert(src, target, tmp_path / "out" / "x.safetensors")
-        assert list((tmp_path / "out").iterdir()) == []
+        assert not (tmp_path / "out").exists()  # not even the folder -o asked for
 
 
 def test_wrong_family_lists_unmatched_modules(tmp_path, f32_layout):
@@ -379,3 +380,66 @@ def test_the_finite_and_zero_tests_agree_with_the_values_on_every_bit_pattern(dt
     assert not any_nonzero(raw[zero].tobytes(), dtype) and zero.sum() == 2
     for pattern in raw[~zero][:: max(1, int((~zero).sum()) // 3000)]:
         assert any_nonzero(np.concatenate([raw[zero], [pattern], raw[zero]]).tobytes(), dtype), hex(int(pattern))
+
+
+# --- NaN and Inf in a conversion: the writer tests each tensor's bytes on their way out ---------------------
+
+
+def test_the_writer_refuses_nan_wherever_it_lies_and_publishes_nothing(tmp_path):
+    """A copied tensor is tested piece by piece as it is read (the NaN sits past the first piece); a computed one
+    as it is; a clean file is the same bytes with or without the test; nothing is left behind on refusal."""
+    from loratools.io.writer import NonFinite
+
+    big = np.zeros(700_000, np.float16)  # 1.4 MB: more than one piece
+    big[650_000] = np.nan
+    write_safetensors(tmp_path / "src.safetensors", [("big", "F16", big.shape, big),
+                                                      ("ok", "F16", (3,), np.ones(3, np.float16))])
+    with SafetensorsFile(tmp_path / "src.safetensors") as f:
+        spans = f.spans("big", [(0, big.nbytes)])
+        for items in ([("copied", "F16", big.shape, spans)],
+                      [("computed", "F32", (2,), np.array([1.0, np.inf], np.float32))]):
+            with pytest.raises(NonFinite) as err:
+                write_safetensors(tmp_path / "out.safetensors", items, finite=True)
+            assert err.value.tensor == items[0][0]
+            assert os.listdir(tmp_path) == ["src.safetensors"]
+        write_safetensors(tmp_path / "raw.safetensors", [("copied", "F16", big.shape, spans)])
+        with SafetensorsFile(tmp_path / "raw.safetensors") as raw:
+            assert np.isnan(raw.numpy("copied")[650_000])
+        ok = [("a", "F16", (3,), f.spans("ok", [(0, 6)])), ("b", "F32", (1,), np.ones(1, np.float32))]
+        write_safetensors(tmp_path / "tested.safetensors", ok, finite=True)
+        write_safetensors(tmp_path / "plain.safetensors", ok)
+    assert (tmp_path / "tested.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
+
+
+def _sd1_kohya(path, up_dtype=np.float16, **values):
+    """Two sd1 modules; ``values`` sets single entries of their factors (``down0=np.nan``: module 0's lora_down)."""
+    rng = np.random.default_rng(0)
+    items = []
+    for i, stem in enumerate(("lora_unet_down_blocks_0_attentions_0_proj_in",
+                              "lora_unet_down_blocks_0_attentions_0_proj_out")):
+        down = rng.standard_normal((4, 320)).astype(np.float16)
+        up = rng.standard_normal((320, 4)).astype(up_dtype)
+        if f"down{i}" in values:
+            down[1, 7] = values[f"down{i}"]
+        if f"up{i}" in values:
+            up[5, 2] = values[f"up{i}"]
+        items += [(f"{stem}.alpha", "F16", (), np.array(2.0, np.float16)),
+                  (f"{stem}.lora_down.weight", "F16", down.shape, down),
+                  (f"{stem}.lora_up.weight", "F16" if up_dtype == np.float16 else "F32", up.shape, up)]
+    write_safetensors(path, items, {"ss_base_model_version": "sd_v1"})
+    return path
+
+
+@pytest.mark.parametrize("to", TARGETS)
+def test_nan_and_inf_are_refused_by_every_target_without_a_trace(tmp_path, to):
+    """Copied (kohya, comfy), scaled (diffusers) and re-laid-out (PEFT) factors alike: one line naming the modules,
+    no output, and not even the folders -o asked for; --allow-nonfinite writes the values unchanged."""
+    src = _sd1_kohya(tmp_path / "bad.safetensors", down0=np.nan, up1=-np.inf)
+    with pytest.raises(FormatError, match=r"2 modules hold NaN or Inf: .*proj_in.*proj_out.*--allow-nonfinite"):
+        loratools.convert(src, to, f"{tmp_path}/new/sub/")
+    assert not (tmp_path / "new").exists()
+    out = loratools.convert(src, to, f"{tmp_path}/new/sub/", allow_nonfinite=True).output
+    files = [out] if os.path.isfile(out) else sorted(str(p) for p in Path(out).rglob("*.safetensors"))
+    with SafetensorsFile(files[0]) as f:
+        values = np.concatenate([f.numpy(k).astype(np.float64).ravel() for k in f.keys()])
+    assert np.isnan(values).sum() == 1 and np.isneginf(values).sum() == 1

@@ -59,6 +59,7 @@ class WriteOptions(NamedTuple):
     overwrite: bool = False
     sync: bool = False  # flush new files to disk before they are renamed into place
     uniform_alpha: bool = False  # kohya-style: one alpha for every module, each scale folded into lora_up
+    finite: bool = False  # refuse NaN/Inf, testing each tensor as it is written (write_safetensors)
 
 
 class Codec:

@@ -71,7 +71,7 @@ class Peft(Codec):
                 folder.mkdir()
                 items = a_b_items(group, lambda om: "base_model.model." + om.name, options.dtype, self.id, False)
                 write_safetensors(folder / "adapter_model.safetensors", list(items), {**metadata, "format": "pt"},
-                                  sync=options.sync, group_copies=True)
+                                  sync=options.sync, group_copies=True, finite=options.finite)
                 (folder / "adapter_config.json").write_text(json.dumps(peft_config(group), indent=2, sort_keys=True))
         return [dest / comp for comp in groups]
 
@@ -110,7 +110,8 @@ class Diffusers(Codec):
     def write(self, mods, family, dest: Path, metadata: dict, options: WriteOptions) -> list[Path]:
         items = a_b_items(mods, lambda om: self.stem(om, family), options.dtype, self.id, True)
         meta = {**metadata, "format": "pt", "lora_adapter_metadata": _adapter_metadata(mods, family)}
-        write_safetensors(dest, list(items), meta, overwrite=options.overwrite, sync=options.sync, group_copies=True)
+        write_safetensors(dest, list(items), meta, overwrite=options.overwrite, sync=options.sync, group_copies=True,
+                          finite=options.finite)
         return [dest]
 
 

@@ -21,7 +21,7 @@ class _DownUpWriter(Codec):
         alpha = common_alpha(mods) if options.uniform_alpha else None
         items = down_up_items(mods, lambda om: self.stem(om, family), options.dtype, alpha)
         write_safetensors(dest, list(items), metadata, overwrite=options.overwrite, sync=options.sync,
-                          group_copies=True)
+                          group_copies=True, finite=options.finite)
         return [dest]
 
 

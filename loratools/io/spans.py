@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from loratools.errors import HeaderError, LoraToolsError
 
@@ -48,6 +48,19 @@ def pread_into(source: Any, start: int, view: memoryview) -> int:
             raise HeaderError("file changed after its header was read", source.path)
         done += k
     return done
+
+
+def read_pieces(data: FileSpans, buf: bytearray) -> Iterator[memoryview]:
+    """The bytes of ``data`` read into ``buf``, at most ``len(buf)`` at a time; each piece is valid until the next
+    is read."""
+    view = memoryview(buf)
+    for start, n in data.spans:
+        end = start + n
+        while start < end:
+            piece = view[: min(len(view), end - start)]
+            pread_into(data.source, start, piece)
+            yield piece
+            start += len(piece)
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int, path: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Sequence
 from loratools.errors import LoraToolsError
 from loratools.io.atomic import atomic_file
 from loratools.io.reader import DTYPE_SIZES, MAX_HEADER_SIZE, TensorInfo, _is_int, _is_text, quote_name
-from loratools.io.spans import CHUNK, FileSpans, copy_range, pwrite_all
+from loratools.io.spans import CHUNK, FileSpans, copy_range, pwrite_all, read_pieces
 
 Data = Any  # bytes | memoryview | np.ndarray | torch.Tensor | FileSpans | a zero-argument callable giving one
 
@@ -25,6 +25,14 @@ Data = Any  # bytes | memoryview | np.ndarray | torch.Tensor | FileSpans | a zer
 _COPY_UNIT = 64 << 10
 _LARGE_FILE = 64 << 20
 _GATHER = 64 << 10  # pieces smaller than this are gathered into one write (a LoRA has thousands of 4-byte alphas)
+
+
+class NonFinite(LoraToolsError):
+    """A tensor being written holds NaN or Inf (``write_safetensors(finite=True)``); the file is not published."""
+
+    def __init__(self, tensor: str, path: str):
+        super().__init__(f"tensor {quote_name(tensor)} holds NaN or Inf", path)
+        self.tensor = tensor
 
 
 def _plan(items: Iterable[tuple[str, str, Sequence[int], Data]], path: str) -> list[tuple[TensorInfo, Data]]:
@@ -183,9 +191,20 @@ class _Output:
             self.offset += n
 
 
+def _write_tested(out: _Output, info: TensorInfo, data: memoryview | FileSpans, buf: bytearray, path: str) -> None:
+    """Write a tensor whose bytes hold no NaN or Inf (else raise ``NonFinite``): bytes in memory are tested as they
+    are, spans are read through ``buf`` and tested and written one piece at a time."""
+    from loratools.io.arrays import all_finite
+
+    for piece in read_pieces(data, buf) if isinstance(data, FileSpans) else (data,):
+        if not all_finite(piece, info.dtype):
+            raise NonFinite(info.name, path)
+        out.write(piece)
+
+
 def write_safetensors(path: str | os.PathLike, items: Iterable[tuple[str, str, Sequence[int], Data]],
                       metadata: dict[str, str] | None = None, *, overwrite: bool = False, sync: bool = False,
-                      group_copies: bool = False) -> None:
+                      group_copies: bool = False, finite: bool = False) -> None:
     """Write tensors to a safetensors file one at a time, atomically.
 
     Args:
@@ -196,6 +215,9 @@ def write_safetensors(path: str | os.PathLike, items: Iterable[tuple[str, str, S
         overwrite: replace an existing destination (otherwise an error, also when one appears while writing).
         sync: flush the file to disk before it gets its name (always done when it replaces a file).
         group_copies: lay tensors given as ``FileSpans`` out behind the others, in their source's order.
+        finite: refuse NaN and Inf (``NonFinite``, and nothing is published), testing each tensor's bytes on their
+            way out: ``FileSpans`` are then read and written, not copied by the kernel (the test reads them
+            anyway; benchmarks/RESULTS.md, before / after).
 
     Example:
         >>> write_safetensors("out.safetensors", [("x", "F32", (2,), np.zeros(2, np.float32))])  # doctest: +SKIP
@@ -208,7 +230,11 @@ def write_safetensors(path: str | os.PathLike, items: Iterable[tuple[str, str, S
         out = _Output(fd, path)
         out.write(memoryview(header))
         base = len(header)
+        tested = bytearray(CHUNK) if finite else None  # its own: out.buf serves the copies
         for info, data in plan:
             out.seek(base + info.begin)
-            out.write(_tensor_bytes(info, data, path))
+            if tested is None:
+                out.write(_tensor_bytes(info, data, path))
+            else:
+                _write_tested(out, info, _tensor_bytes(info, data, path), tested, path)
         out.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -9,10 +10,11 @@ from pathlib import Path
 from typing import Callable
 
 from loratools._version import __version__
-from loratools.errors import LoraToolsError, UnknownFamily, UsageError
+from loratools.errors import FormatError, LoraToolsError, UnknownFamily, UsageError
 from loratools.families import Family, get_family
 from loratools.formats import WriteOptions, codec_for
 from loratools.formats.writing import common_alpha
+from loratools.io.writer import NonFinite
 from loratools.model import Lora, OutModule
 from loratools.ops.canonical import canonicalize, plan
 from loratools.ops.validate import check_writable
@@ -119,6 +121,33 @@ def alpha_warning(mods: list[OutModule], to: str, uniform: bool) -> str | None:
             "would scale some of them wrongly: --uniform-alpha writes a file every loader reads the same")
 
 
+def _write(lora: Lora, codec, to: str, dest: Path, family: str | None, operation: str, kohya_names: str | None,
+           options: WriteOptions):
+    """Plan ``lora`` for ``to`` and write it: (files, family, planned modules, warnings). A failed write leaves no
+    trace, not even the folders ``dest`` asked for."""
+
+    def build(fam: Family) -> list[OutModule]:
+        return plan(canonicalize(lora, fam), fam, kohya_names or codec.model_naming(fam))
+
+    fam, mods = choose_family(lora, family, build, to)
+    writer_family = fam or get_family(lora.family.candidates[0])  # identical output for every candidate
+    meta = output_metadata(lora, fam, to, operation)
+    warnings = list(lora.warnings)
+    if options.uniform_alpha and len({om.scale * om.rank for om in mods}) > 1:
+        meta["loratools.uniform_alpha"] = f"{common_alpha(mods):g}"  # provenance: scales were folded into lora_up
+    elif (note := alpha_warning(mods, to, options.uniform_alpha)) is not None:
+        warnings.append(note)
+    made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return codec.write(mods, writer_family, dest, meta, options), fam, mods, warnings
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
 def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, dtype: str | None = None,
                  overwrite: bool = False, operation: str = "convert", sync: bool = False,
                  uniform_alpha: bool = False, kohya_names: str | None = None,
@@ -137,21 +166,16 @@ def convert_lora(lora: Lora, to: str, dest: Path, *, family: str | None = None, 
         raise UsageError(f"--uniform-alpha applies to {' and '.join(ALPHA_FORMATS)} outputs; {to} files "
                          "carry each module's scale already")
     start = time.perf_counter()
-    check_writable(lora, allow_nonfinite)
-
-    def build(fam: Family) -> list[OutModule]:
-        return plan(canonicalize(lora, fam), fam, kohya_names or codec.model_naming(fam))
-
-    fam, mods = choose_family(lora, family, build, to)
-    writer_family = fam or get_family(lora.family.candidates[0])  # identical output for every candidate
-    meta = output_metadata(lora, fam, to, operation)
-    warnings = list(lora.warnings)
-    if uniform_alpha and len({om.scale * om.rank for om in mods}) > 1:
-        meta["loratools.uniform_alpha"] = f"{common_alpha(mods):g}"  # provenance: scales were folded into lora_up
-    elif (note := alpha_warning(mods, to, uniform_alpha)) is not None:
-        warnings.append(note)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    files = codec.write(mods, writer_family, dest, meta, WriteOptions(dtype, overwrite, sync, uniform_alpha))
+    # what needs no reading first; the writer tests the factors' bytes as it writes them, and when it finds NaN or
+    # Inf, the whole check says which modules
+    check_writable(lora, allow_nonfinite, tensors=False)
+    try:
+        files, fam, mods, warnings = _write(lora, codec, to, dest, family, operation, kohya_names,
+                                            WriteOptions(dtype, overwrite, sync, uniform_alpha, not allow_nonfinite))
+    except NonFinite as exc:
+        check_writable(lora)
+        raise FormatError(f"{exc.tensor} would hold NaN or Inf (a value beyond its dtype's range); "
+                          "--allow-nonfinite writes it", lora.path) from None
     return ConvertResult(lora.path, str(dest), lora.format, to, fam.id if fam else "unknown", len(lora.modules),
                          len(mods), [str(f) for f in files], warnings, time.perf_counter() - start)
 

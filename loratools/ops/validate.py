@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from loratools.errors import FormatError
-from loratools.io.arrays import all_finite
 from loratools.io.spans import pread_into
 from loratools.model import Lora, Module
 
@@ -23,6 +20,10 @@ class _Bits:
         self.buf = bytearray()
 
     def finite(self, ref) -> bool:
+        import numpy as np  # here, not at import: a conversion that leaves the test to the writer needs none
+
+        from loratools.io.arrays import all_finite
+
         src = ref.source
         header = getattr(src, "header", None)
         if header is None or not hasattr(src, "fileno"):  # a loaded pickle, tensors in memory
@@ -36,11 +37,12 @@ class _Bits:
         return all_finite(view, ref.dtype)
 
 
-def nonfinite(m: Module, bits: _Bits | None = None) -> str | None:
-    """What is not finite in ``m`` (its alpha or a stored tensor), or None."""
-    bits = bits or _Bits()
+def nonfinite(m: Module, bits: _Bits, tensors: bool = True) -> str | None:
+    """What is not finite in ``m`` (its alpha or, with ``tensors``, a stored tensor), or None."""
     if m.alpha is not None and not (math.isfinite(m.alpha) and abs(m.alpha) <= FLOAT32_MAX):
         return f"alpha {m.alpha!r}"
+    if not tensors:
+        return None
     refs = dict(m.adapter.tensors)
     if m.magnitude is not None:
         refs["dora_scale"] = m.magnitude
@@ -50,10 +52,11 @@ def nonfinite(m: Module, bits: _Bits | None = None) -> str | None:
     return None
 
 
-def check_writable(lora: Lora, allow_nonfinite: bool = False) -> None:
-    """Refuse, before anything is written, a file that contradicts itself, holds modules that were rejected when
-    it was read, or (unless ``allow_nonfinite``) NaN/Inf in a factor or an alpha. One line, naming the first
-    modules and the count."""
+def check_writable(lora: Lora, allow_nonfinite: bool = False, tensors: bool = True) -> None:
+    """Refuse, before anything is published, a file that contradicts itself, holds modules that were rejected when
+    it was read, or (unless ``allow_nonfinite``) NaN/Inf in an alpha or a factor. One line, naming the first
+    modules and the count. ``tensors=False`` leaves the factors out (for a writer that tests them as it writes:
+    ``write_safetensors(finite=True)``)."""
     if lora.conflicts:
         more = f" (and {len(lora.conflicts) - 1} more)" if len(lora.conflicts) > 1 else ""
         raise FormatError(f"the file contradicts itself: {lora.conflicts[0]}{more}", lora.path)
@@ -63,7 +66,7 @@ def check_writable(lora: Lora, allow_nonfinite: bool = False) -> None:
     if allow_nonfinite:
         return
     bits = _Bits()
-    bad = [(m.name, why) for m in lora.modules if (why := nonfinite(m, bits)) is not None]
+    bad = [(m.name, why) for m in lora.modules if (why := nonfinite(m, bits, tensors)) is not None]
     if bad:
         shown = ", ".join(f"{name} ({why})" for name, why in bad[:3])
         raise FormatError(f"{len(bad)} module{'s hold' if len(bad) > 1 else ' holds'} NaN or Inf: {shown}"
