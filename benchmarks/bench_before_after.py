@@ -1,18 +1,23 @@
 """inspect, convert, resize and bake of this tree against an earlier revision, alternating, in one run.
 
     python benchmarks/bench_before_after.py --before REV [--rank 64] [--fraction 0.25] [--repeat 3]
+                                            [--only inspect convert ...]
 
 The earlier revision is exported with `git archive` into a temporary folder (nothing in the checkout changes);
 each command runs as `python -m loratools …` in a fresh process with that tree first on the path, the two trees
-taking turns so that drift in the machine's load hits both alike. Inputs: an SDXL-shaped kohya LoRA (real SGM
-module list, random factors) and a slice of the SDXL checkpoint (every 1/fraction-th tensor of the real layout).
-Prints best and median wall seconds and the peak RSS per command and tree.
+taking turns so that drift in the machine's load hits both alike. Every run writes a new output, removed once it
+is measured: replacing an output would make every run after the first flush the file to disk (loratools syncs a
+file it replaces) and free the old one, which times the disk rather than the command. Inputs: an SDXL-shaped
+kohya LoRA (real SGM module list, random factors) and a slice of the SDXL checkpoint (every 1/fraction-th tensor
+of the real layout). Prints best and median wall seconds, the median CPU seconds (user + system, all threads:
+steadier than wall time on a shared machine) and the peak RSS per command and tree.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,8 +40,8 @@ def export(rev: str, dest: Path) -> Path:
     return dest
 
 
-def run(tree: Path, args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of `python -m loratools ARGS` with ``tree`` first on the path."""
+def run(tree: Path, args: list[str]) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak RSS (MB) of `python -m loratools ARGS` with ``tree`` first on the path."""
     env = {**os.environ, "PYTHONPATH": str(tree)}
     os.sync()
     with tempfile.TemporaryFile() as err:
@@ -49,7 +54,7 @@ def run(tree: Path, args: list[str]) -> tuple[float, float]:
             err.seek(0)
             raise SystemExit(f"{tree.name}: loratools {' '.join(args)} failed:\n"
                              + err.read().decode(errors="replace")[-2000:])
-    return wall, usage.ru_maxrss / 1024
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -66,37 +71,40 @@ def main() -> None:
         trees = {"before": export(args.before, tmp / "before"), "after": ROOT}
         lora = in_child(write_sdxl_kohya, tmp / "lora.safetensors", rank=args.rank)
         base = tmp / "base.safetensors"
-        in_child(write_base, base, args.fraction)
+        if not args.only or "bake" in args.only:
+            in_child(write_base, base, args.fraction)
         out = tmp / "out"
         out.mkdir()
+        dest = out / "o.safetensors"
         commands = {
             "inspect": ["inspect", str(lora)],
-            "convert --to diffusers": ["convert", str(lora), "--to", "diffusers", "-o", str(out / "c.safetensors"),
-                                       "--overwrite"],
-            "resize --rank 16": ["resize", str(lora), "--rank", "16", "-o", str(out / "r.safetensors"),
-                                 "--overwrite"],
-            "bake": ["bake", str(base), str(lora), "-o", str(out / "b.safetensors"), "--allow-unmatched",
-                     "--overwrite"],
+            "convert --to diffusers": ["convert", str(lora), "--to", "diffusers", "-o", str(dest)],
+            "convert --to kohya": ["convert", str(lora), "--to", "kohya", "-o", str(dest)],
+            "resize --rank 16": ["resize", str(lora), "--rank", "16", "-o", str(dest)],
+            "bake": ["bake", str(base), str(lora), "-o", str(dest), "--allow-unmatched"],
         }
         rows = []
         for name, cmd in commands.items():
             if args.only and name.split()[0] not in args.only:
                 continue
-            times = {k: [] for k in trees}
+            walls, cpus = {k: [] for k in trees}, {k: [] for k in trees}
             rss = {k: 0.0 for k in trees}
             for _ in range(args.repeat):
                 for label, tree in trees.items():
-                    wall, peak = run(tree, cmd)
-                    times[label].append(wall)
+                    wall, cpu, peak = run(tree, cmd)
+                    walls[label].append(wall)
+                    cpus[label].append(cpu)
                     rss[label] = max(rss[label], peak)
+                    if dest.exists():
+                        os.unlink(dest) if dest.is_file() else shutil.rmtree(dest)
             for label in trees:
-                rows.append([name, label, f"{min(times[label]):.2f}", f"{statistics.median(times[label]):.2f}",
-                             f"{rss[label]:.0f}"])
+                rows.append([name, label, f"{min(walls[label]):.2f}", f"{statistics.median(walls[label]):.2f}",
+                             f"{statistics.median(cpus[label]):.2f}", f"{rss[label]:.0f}"])
         mb = lora.stat().st_size / 2**20
-        gb = base.stat().st_size / 2**30
-        print(f"SDXL kohya LoRA rank {args.rank} ({mb:.0f} MB), base slice {gb:.2f} GB; "
-              f"before = {args.before}, after = this tree; {args.repeat} runs each, alternating")
-        print(table(rows, ["command", "tree", "best s", "median s", "peak RSS MB"]))
+        size = f", base slice {base.stat().st_size / 2**30:.2f} GB" if base.exists() else ""
+        print(f"SDXL kohya LoRA rank {args.rank} ({mb:.0f} MB){size}; before = {args.before}, after = this tree; "
+              f"{args.repeat} runs each, alternating")
+        print(table(rows, ["command", "tree", "best s", "median s", "median CPU s", "peak RSS MB"]))
 
 
 if __name__ == "__main__":
