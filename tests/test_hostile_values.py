@@ -13,8 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import loratools
@@ -65,6 +63,37 @@ def test_a_negative_scale_converts_exactly_to_every_target(tmp_path, to):
     src = _kohya(tmp_path / "neg.safetensors", alpha=-2.0)
     r = loratools.convert(src, to, tmp_path / f"out.{to}", family="sd1")
     assert loratools.verify(src, r.output, rtol=1e-6, family="sd1").equal
+    if to in ("kohya", "comfy"):  # one alpha for all (the common 3): the other's ratio -2/3 goes into lora_up
+        rng = np.random.default_rng(13)
+        mixed = tmp_path / "mixed.safetensors"
+        second = "lora_unet_down_blocks_0_attentions_1_proj_in"
+        save_file({**{f"{stem}.lora_{kind}.weight": rng.standard_normal(shape).astype(np.float32)
+                      for stem in (STEM, second) for kind, shape in (("down", (4, 320)), ("up", (320, 4)))},
+                   f"{STEM}.alpha": np.asarray(-2.0, np.float32), f"{second}.alpha": np.asarray(3.0, np.float32)},
+                  str(mixed), META)
+        r = loratools.convert(mixed, to, tmp_path / f"u.{to}", family="sd1", uniform_alpha=True)
+        assert loratools.verify(mixed, r.output, rtol=1e-6, family="sd1").equal
+    # the writers that fold the scale into the factors, behind resize and merge too
+    small, _ = loratools.resize(src, rank=4)
+    merged, _ = loratools.merge([src])
+    for n, result in enumerate((small, merged)):
+        out = loratools.save(result, tmp_path / f"{n}.{to}", to=to, family="sd1").output
+        assert loratools.verify(src, out, rtol=1e-6, family="sd1").equal
+
+
+def test_random_alpha_bits_never_hang(tmp_path):
+    """The alpha bytes of a kohya file replaced by random bits (negative, subnormal, huge, NaN...): converting to
+    diffusers, which folds alpha/r into the factors, ends quickly with a file or one LoraToolsError."""
+    rng = np.random.default_rng(12)
+    patterns = [rng.bytes(4) for _ in range(40)] + [b"\x00\x00\x80\xbf", b"\x01\x00\x00\x80", b"\xff\xff\x7f\xff"]
+    for n, bits in enumerate(patterns):
+        src = _kohya(tmp_path / f"{n}.safetensors", alpha=np.frombuffer(bits, "<f4")[0])
+        try:
+            with deadline(20):
+                out = loratools.convert(src, "diffusers", tmp_path / f"{n}.diffusers.safetensors", family="sd1").output
+        except LoraToolsError:
+            continue
+        assert all(np.isfinite(v.astype(np.float64)).all() for v in load_file(out).values())
 
 
 @pytest.mark.parametrize("to", ["diffusers", "kohya-uniform"])
@@ -285,8 +314,6 @@ def test_a_bug_is_one_line_with_its_own_exit_code(tmp_path, cli, monkeypatch):
         cli("--debug", "inspect", tmp_path / "ok.safetensors")
 
 
-# --- property: arbitrary numbers and shapes, every operation -----------------------------------------------------
-
 class Stuck(BaseException):
     """A call that did not return in time (a BaseException: no handler in the code under test may take it)."""
 
@@ -304,64 +331,6 @@ def deadline(seconds: int):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
-
-
-SPECIAL = st.sampled_from([0.0, -0.0, 1.0, -3.5, 1e-30, 6.5e4, 1e30, 1e39, math.inf, -math.inf, math.nan])
-DTYPES = st.sampled_from([np.float16, np.float32, np.float64])
-
-
-@st.composite
-def module(draw):
-    rank = draw(st.integers(0, 3))
-    up_rank = draw(st.sampled_from([rank, rank, rank + 1]))  # sometimes a mismatch
-    dtype = draw(DTYPES)
-    fill = draw(st.sampled_from(["random", "special", "zero"]))
-    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
-
-    def values(shape):
-        if fill == "zero":
-            return np.zeros(shape)
-        v = rng.standard_normal(shape)
-        if fill == "special" and v.size:
-            v.flat[draw(st.integers(0, v.size - 1))] = draw(SPECIAL)
-        return v
-
-    with np.errstate(over="ignore"):
-        down, up = values((rank, 8)).astype(dtype), values((8, up_rank)).astype(dtype)
-    alpha = draw(st.one_of(SPECIAL, st.floats(-100, 100), st.just(None)))
-    return down, up, alpha
-
-
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(mods=st.lists(module(), min_size=1, max_size=3))
-def test_arbitrary_numbers_give_a_result_or_the_error_root(tmp_path, mods):
-    tensors = {}
-    for i, (down, up, alpha) in enumerate(mods):
-        stem = f"lora_unet_down_blocks_0_attentions_{i}_proj_in"
-        tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"] = down, up
-        if alpha is not None:
-            tensors[f"{stem}.alpha"] = np.asarray(alpha, dtype=np.float32)
-    src = tmp_path / "case.safetensors"
-    with np.errstate(over="ignore"):
-        save_file(tensors, str(src), META)
-    for n, run in enumerate([
-        lambda: loratools.inspect(src, stats=True),
-        *[lambda to=to: loratools.convert(src, to, tmp_path / f"o{n}.{to}", family="sd1", overwrite=True)
-          for to in ("kohya", "diffusers", "peft", "comfy")],
-        lambda: loratools.save(loratools.resize(src, rank=1)[0], tmp_path / "r.safetensors", family="sd1",
-                               overwrite=True),
-        lambda: loratools.save(loratools.merge([src, src])[0], tmp_path / "m.safetensors", family="sd1",
-                               overwrite=True),
-    ]):
-        try:
-            with deadline(30):
-                result = run()
-        except LoraToolsError:
-            continue
-        out = getattr(result, "output", None)
-        if out is not None and Path(out).is_file():
-            written = load_file(str(out))
-            assert all(np.isfinite(v.astype(np.float64)).all() for v in written.values()), out
 
 
 def test_a_rank_zero_module_is_refused(tmp_path, cli):

@@ -104,15 +104,20 @@ def _finite(x, dtype: str | None) -> bool:
         return all_finite(x, dtype)
     import torch
 
-    return bool(torch.isfinite(x).all())
+    return bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all())  # no isfinite for float8
+
+
+_MAGNITUDE_BITS = {"F16": ("<u2", 0x7FFF), "BF16": ("<u2", 0x7FFF), "F32": ("<u4", 0x7FFFFFFF),
+                   "F64": ("<u8", 0x7FFFFFFFFFFFFFFF)}
 
 
 def _nonzero(x, dtype: str | None) -> bool:
     """Whether stored bytes (in ``dtype``) or a torch tensor hold a value other than ±0."""
     if isinstance(x, (bytes, bytearray, memoryview)):
-        from loratools.io.arrays import any_nonzero  # stops at the first piece with one: no pass over the whole
+        import numpy as np
 
-        return any_nonzero(x, dtype)
+        code, mask = _MAGNITUDE_BITS.get(dtype, ("u1", 0xFF))
+        return bool(np.bitwise_and(np.frombuffer(x, dtype=code), mask).any())
     return bool(x.any())
 
 
@@ -205,6 +210,9 @@ def a_b_items(mods: list[OutModule], stem_of: Callable[[OutModule], str], dtype:
             yield key, f.dtype, (up_shape[0],), f.checked(lambda f=f: f.cast(f.om.magnitude().reshape(-1)),
                                                           f.om.magnitude, 1.0)
         if om.bias is not None:
+            if not folded and om.scale == 0:
+                raise UsageError(f"{om.name}: its scale is 0 and {fmt} multiplies lora_B.bias by the scale: its bias "
+                                 f"has no {fmt} spelling")
             k = 1.0 if folded else 1.0 / om.scale  # PEFT multiplies lora_B.bias by the scale
             yield f"{stem}.lora_B.bias", f.dtype, (up_shape[0],), f.checked(lambda f=f, k=k: f.cast(f.om.bias() * k),
                                                                             f.om.bias, k)

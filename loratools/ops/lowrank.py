@@ -209,10 +209,13 @@ def truncation(s, k: int, total: float | None = None, residual: float = 0.0) -> 
     ``s`` may be only the top of the spectrum of ΔW (a lossy conversion): then ``total`` is ‖ΔW‖² and
     ``residual`` the squared error already made, orthogonal to what ``s`` describes, so errors add in squares.
     """
-    sq = [float(x) ** 2 for x in s.double().cpu()]
+    values = [float(x) for x in s.double().cpu()]
+    c = max(values, default=0.0)  # squares taken relative to the largest: finite for any finite s
+    c = c if 0 < c < math.inf else 1.0
+    sq = [(x / c) ** 2 for x in values]
     kept = math.fsum(sq[:k])
-    dropped = math.fsum(sq[k:]) + residual
-    whole = kept + dropped if total is None else total
+    dropped = math.fsum(sq[k:]) + residual / c / c
+    whole = kept + dropped if total is None else total / c / c
     if whole <= 0:
         return 1.0, 0.0
     return min(kept / whole, 1.0), math.sqrt(min(dropped / whole, 1.0))

@@ -162,8 +162,9 @@ def _lossy_factors(m: Module, device, lossy_rank: int | None) -> Factors:
     u, s, vh = dense_svd(mat, lossy_rank)
     up, down = split_factors(u, s, vh, min(lossy_rank, s.shape[0]))
     # measured, not inferred from ‖ΔW‖² − Σσ²: that difference is rounding noise when the error is tiny
-    residual = float(torch.linalg.vector_norm(mat - up @ down)) ** 2
-    total = float(torch.linalg.vector_norm(mat)) ** 2
+    residual = float(torch.linalg.vector_norm(mat - up @ down))
+    total = float(torch.linalg.vector_norm(mat))
+    residual, total = residual * residual, total * total  # not ** 2: that raises beyond float64 (x * x is inf)
     del mat
     err = math.sqrt(residual / total) if total > 0 else 0.0
     biases = {"diff_b": a.t("diff_b").torch()} if a.kind == "full" and a.has("diff_b") else {}
@@ -202,7 +203,8 @@ def lora_module(template: Module, up, down, alpha: float, f: Factors, mem: Memor
 
     def stored(x, shape):  # a fresh row-major host tensor: QR outputs come column-major, even along unit dims
         t = torch.empty(shape, dtype=out).copy_(x.reshape(shape))
-        if not bool(torch.isfinite(t).all()) and bool(torch.isfinite(x).all()):
+        wide = t.float() if t.element_size() == 1 else t  # torch has no isfinite for float8
+        if not bool(torch.isfinite(wide).all()) and bool(torch.isfinite(x).all()):
             raise FormatError(f"module {template.name}: the result lies beyond {str(out).removeprefix('torch.')}'s "
                               "range (Inf); pass a wider --dtype")
         return t
