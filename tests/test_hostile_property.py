@@ -4,7 +4,7 @@ LoraToolsError: never another exception, never a hang (each call has a deadline)
 
 Files are written with the project's writer from raw bytes, so any dtype can hold anything: NaN, Inf, huge,
 subnormal, negative, zero or random bit patterns; alphas of odd shapes and dtypes; factors whose ranks or sides
-do not agree, empty factors, LoHa modules, and keys no format knows.
+do not agree, empty factors, LoHa and LoKr modules, and keys no format knows.
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def alpha(draw):
 @st.composite
 def module(draw, stem: str) -> dict:
     # Each defect now and then (a whole file is refused for one), so that most files reach the arithmetic.
-    kind = draw(st.sampled_from(["lora"] * 7 + ["loha"]))
+    kind = draw(st.sampled_from(["lora"] * 12 + ["loha", "loha", "lokr", "lokr"]))
     rank = draw(st.sampled_from([1, 2, 3] * 5 + [0]))
     other = draw(st.sampled_from([rank] * 15 + [rank + 1]))  # a rank that does not agree
     side = draw(st.sampled_from([8] * 15 + [9]))  # a side that does not
@@ -103,10 +103,13 @@ def module(draw, stem: str) -> dict:
     if kind == "lora":
         entries[f"{stem}.lora_down.weight"] = draw(tensor((rank, 8)))
         entries[f"{stem}.lora_up.weight"] = draw(tensor((side, other)))
-    else:
+    elif kind == "loha":
         for w in ("w1", "w2"):
             entries[f"{stem}.hada_{w}_a"] = draw(tensor((side, rank)))
             entries[f"{stem}.hada_{w}_b"] = draw(tensor((other, 8)))
+    else:  # ΔW = kron(w1, w2): (2·4) x (2·4) = 8 x 8, or 9 x 8 when a side does not agree
+        entries[f"{stem}.lokr_w1"] = draw(tensor((2, 2)))
+        entries[f"{stem}.lokr_w2"] = draw(tensor((4 if side == 8 else 5, 4)))
     if draw(st.booleans()):
         entries[f"{stem}.alpha"] = draw(alpha())
     if draw(st.integers(0, 9)) == 0:

@@ -158,6 +158,7 @@ def test_non_finite_numbers_are_refused_by_every_writer_and_flagged_by_inspect(t
     assert code == 0
     stats = json.loads("\n".join(lines))[0]["stats"]
     assert stats["summary"]["nan_or_inf"] == 1
+    assert loratools.inspect(src, stats=True)["stats"]["summary"]["nan_or_inf"] == 1  # the API never raises either
     if case != "huge alpha":  # passed through on request, for forensics: the values arrive unchanged
         assert cli("convert", src, "--to", "kohya", "-o", out / "k.safetensors", "--family", "sd1",
                    "--allow-nonfinite")[0] == 0
@@ -383,6 +384,34 @@ def test_a_bake_that_overflows_the_base_dtype_is_refused(tmp_path, cli):
              "down_blocks_0_attentions_0_proj_in", "beyond float16's range", "--dtype")
     assert not out.exists()
     assert cli("bake", base, lora, "-o", out, "--family", "sd1", "--dtype", "fp32")[0] == 0
+
+
+class _Exploit:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("name", ["base.safetensors", "base.ckpt", "base.bin"])
+def test_a_pickle_given_as_a_base_is_refused_as_a_pickle_and_never_runs(tmp_path, cli, name):
+    """Not 'header too large (578712552184433488 bytes)': bases are read as safetensors only, and a pickle says so."""
+    import pickle
+
+    marker = tmp_path / "ran"
+    base = tmp_path / name
+    base.write_bytes(pickle.dumps({"state_dict": _Exploit(marker)}, protocol=4))
+    good = _sd1_base(tmp_path / "good.safetensors")
+    lora = _kohya(tmp_path / "l.safetensors")
+    for args in (["bake", base, lora, "-o", tmp_path / "o.safetensors"],
+                 ["extract", base, good, "-o", tmp_path / "x.safetensors", "--rank", "2"],
+                 ["extract", good, base, "-o", tmp_path / "x.safetensors", "--rank", "2"]):
+        _refused(cli(*args, "--family", "sd1"), name, "pickled checkpoint")
+    assert not marker.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, "good.safetensors", "l.safetensors"])
 
 
 def test_a_pickle_inside_a_base_folder_is_named_as_a_pickle(tmp_path, cli):
