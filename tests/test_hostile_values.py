@@ -463,8 +463,12 @@ def test_a_bad_file_in_a_parallel_batch_fails_alone(tmp_path, cli):
     for i in range(3):
         _kohya(folder / f"ok{i}.safetensors")
     (folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    _kohya(folder / "nan.safetensors", alpha=math.nan)
+    _kohya(folder / "two_alphas.safetensors", alpha=np.array([1.0, 2.0]))
+    _kohya(folder / "huge_fold.safetensors", alpha=3e38)  # alpha/r folded into fp16 factors: Inf
     code, lines = cli("convert", folder, "--to", "diffusers", "-o", f"{tmp_path}/out/", "--jobs", "2")
     assert code == 1, lines
-    assert [line for line in lines if "broken.safetensors" in line and "error" in line.lower()]
+    for bad in ("broken", "nan", "two_alphas", "huge_fold"):
+        assert len([line for line in lines if f"{bad}.safetensors" in line and "error" in line.lower()]) == 1, lines
     assert "Traceback" not in "\n".join(lines)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"ok{i}.diffusers.safetensors" for i in range(3)]
