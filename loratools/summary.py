@@ -42,7 +42,10 @@ def describe(lora: Lora) -> dict:
     axes = Counter(m.dora_axis for m in mods if m.magnitude is not None)
     refs = lora.tensors.values()
     warnings = list(lora.warnings) + list(lora.conflicts)
-    if alpha["missing"] and lora.format in ("kohya", "lycoris", "comfy", "onetrainer"):
+    # kohya's spelling carries an alpha per module; PEFT's (lora_A/lora_B, as ai-toolkit writes comfy files) never
+    # does, by convention scale 1
+    kohya_suffixes = any(".lora_down." in k for k in lora.tensors)
+    if alpha["missing"] and lora.format in ("kohya", "lycoris", "comfy", "onetrainer") and kohya_suffixes:
         warnings.append(f"{alpha['missing']} modules have no alpha: scale 1 assumed (alpha = rank)")
     if lora.unknown_keys:
         warnings.append(f"{len(lora.unknown_keys)} keys not recognised (listed under unknown_keys)")

@@ -517,7 +517,7 @@ FINGERPRINTS = [  # (family, variant, [(name with {i} for the block index, numbe
     ("ltxv", "2b", [("transformer_blocks.{i}.attn1.to_q", 28, 2048, 2048),
                     ("transformer_blocks.{i}.attn2.to_k", 28, 2048, 2048),
                     ("transformer_blocks.{i}.ff.net.0.proj", 28, 2048, 8192)]),
-    ("mochi", None, [("blocks.{i}.attn.qkv_x", 48, 3072, 9216), ("blocks.{i}.attn.qkv_y", 48, 1536, 4608),
+    ("mochi", None, [("blocks.{i}.attn.qkv_x", 48, 3072, 9216), ("blocks.{i}.attn.qkv_y", 48, 1536, 9216),
                      ("blocks.{i}.mlp_x.w1", 48, None, None)]),
     ("hidream", None, [("double_stream_blocks.{i}.block.attn1.to_q", 16, 2560, 2560),
                        ("single_stream_blocks.{i}.block.attn1.to_q", 32, 2560, 2560)]),

@@ -43,6 +43,7 @@ class NameRule(NamedTuple):
     diffusers: tuple[str, ...]
     sizes: tuple[int | None, ...] | None = None
     swap_halves: str | None = None  # "always" | "when_out_is_2x_in": B's two row halves trade places
+    aliases: tuple[str, ...] = ()  # other spellings of the native name in circulation: read, never written
 
     @property
     def fused(self) -> bool:
@@ -51,6 +52,8 @@ class NameRule(NamedTuple):
     def spellings(self):
         """(naming, part index or None, template) of every name the rule gives a module."""
         yield NATIVE, None, self.native
+        for alias in self.aliases:
+            yield NATIVE, None, alias
         for k, d in enumerate(self.diffusers):
             yield DIFFUSERS, (k if self.fused else None), d
 
@@ -158,7 +161,8 @@ def _rules(data: Mapping) -> list[NameRule]:
     for r in data.get("rules", []):
         d = r["diffusers"]
         out.append(NameRule(r["native"], tuple(d) if isinstance(d, list) else (d,),
-                            tuple(r["sizes"]) if "sizes" in r else None, r.get("swap_halves")))
+                            tuple(r["sizes"]) if "sizes" in r else None, r.get("swap_halves"),
+                            tuple(r.get("aliases", ()))))
     inner = {kind: [(x, x) if isinstance(x, str) else tuple(x) for x in rules]
              for kind, rules in data.get("inner", {}).items()}
     for native_prefix, (diffusers_prefix, kind) in data.get("blocks", {}).items():
@@ -172,6 +176,10 @@ class NamingTable:
     def __init__(self, family: str, data: Mapping, family_encoders: Mapping, shared):
         self.family = family
         self.kohya_model = data.get("kohya", NATIVE)  # the naming kohya-style files spell the model in
+        # the factor spelling of the family's `diffusion_model.` files: kohya's lora_down/lora_up + .alpha, or
+        # PEFT's lora_A/lora_B with the scale folded in (what ai-toolkit and diffusion-pipe write, and what
+        # diffusers' converters for the newer families read)
+        self.comfy_factors = data.get("comfy_factors", "lora_down")
         self.architecture = data.get("architecture")
         rules = _rules(data)
         self.model = Templates(rules)
@@ -202,7 +210,8 @@ class NamingTable:
         if rule is not None:
             return rule
         _, _, rule, numbers = self.model.match(native, False)
-        return NameRule(native, tuple(_fill(d, numbers) for d in rule.diffusers), rule.sizes, rule.swap_halves)
+        return NameRule(native, tuple(_fill(d, numbers) for d in rule.diffusers), rule.sizes, rule.swap_halves,
+                        tuple(_fill(a, numbers) for a in rule.aliases))
 
     def spell(self, space: str, native: str, naming: str) -> list[str]:
         """Names of a native module in ``naming``: one, or the parts of a fused weight."""

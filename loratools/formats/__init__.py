@@ -72,7 +72,8 @@ def read_modules(tensors: dict[str, TensorRef], metadata: dict[str, str], path: 
         st.spellings[kp.spelling] = st.spellings.get(kp.spelling, 0) + 1
 
     fmt = decide_format(list(stems.values()))
-    config = config or AdapterConfig.from_metadata(metadata)
+    if config is None and any(c.id == fmt and c.module_metadata for c in codecs()):
+        config = AdapterConfig.from_metadata(metadata)
     result = ReadResult(fmt, [], extras=dict(extras))
     for st in stems.values():
         _read_stem(st, fmt, config, result)

@@ -70,6 +70,7 @@ class Codec:
     flat: ClassVar[bool] = False  # module paths are flattened with '_' (kohya and its descendants)
     writable: ClassVar[bool] = False
     suffix: ClassVar[str] = ""  # what an output file name ends in (``x.kohya.safetensors``)
+    module_metadata: ClassVar[bool] = False  # diffusers' lora_adapter_metadata, if present, names these modules
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

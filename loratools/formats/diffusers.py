@@ -41,6 +41,7 @@ class DiffusersLegacy(Codec):
 
 class Peft(Codec):
     id = "peft"
+    module_metadata = True
     writable = True
     suffix = ".peft"
     prefixes = (("transformer.base_model.model.", "model"), ("unet.base_model.model.", "model"),
@@ -93,6 +94,7 @@ _DIFFUSERS_CONFIG_KEYS = ("r", "lora_alpha", "target_modules", "rank_pattern", "
 
 class Diffusers(Codec):
     id = "diffusers"
+    module_metadata = True
     writable = True
     suffix = ".diffusers.safetensors"
     prefixes = (("text_encoder_2.", "te2"), ("text_encoder_3.", "te3"), ("text_encoder.", "te1"),

@@ -5,10 +5,13 @@ dotted spelling of original names (``diffusion_model.…``: ai-toolkit, ComfyUI 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from loratools.formats.codec import Codec, Stem, WriteOptions
-from loratools.formats.writing import common_alpha, down_up_items
+from loratools.families.naming import DIFFUSERS
+from loratools.formats.writing import a_b_items, common_alpha, down_up_items, peft_config
 from loratools.io.writer import write_safetensors
 
 
@@ -18,11 +21,14 @@ class _DownUpWriter(Codec):
     writable = True
 
     def write(self, mods, family, dest: Path, metadata: dict, options: WriteOptions) -> list[Path]:
-        alpha = common_alpha(mods) if options.uniform_alpha else None
-        items = down_up_items(mods, lambda om: self.stem(om, family), options.dtype, alpha)
+        items = self.items(mods, family, options)
         write_safetensors(dest, list(items), metadata, overwrite=options.overwrite, sync=options.sync,
                           group_copies=True, finite=options.finite)
         return [dest]
+
+    def items(self, mods, family, options: WriteOptions):
+        alpha = common_alpha(mods) if options.uniform_alpha else None
+        return down_up_items(mods, lambda om: self.stem(om, family), options.dtype, alpha)
 
 
 class Kohya(_DownUpWriter):
@@ -82,3 +88,26 @@ class Comfy(_DownUpWriter):
         if om.space == "model":
             return "diffusion_model." + om.name
         return f"text_encoders.{family.encoder_slot(om.space, self.id)}.transformer.{om.name}"
+
+    def items(self, mods, family, options: WriteOptions):
+        if family.naming.comfy_factors == "lora_A":  # PEFT spelling: the scale is folded, no .alpha
+            return a_b_items(mods, lambda om: self.stem(om, family), options.dtype, self.id, True)
+        return super().items(mods, family, options)
+
+    def write(self, mods, family, dest: Path, metadata: dict, options: WriteOptions) -> list[Path]:
+        if family.naming.comfy_factors == "lora_A":
+            metadata = {**metadata, "lora_adapter_metadata": _diffusers_config(mods, family)}
+        return super().write(mods, family, dest, metadata, options)
+
+
+def _diffusers_config(mods, family) -> str:
+    """The LoraConfig diffusers' readers build the transformer's adapter from, in the diffusers names they rename
+    these modules to: fused weights (block-diagonal, so of a larger rank than the rest) would otherwise get the
+    scale of the file's first rank. ComfyUI ignores it."""
+    parts = [SimpleNamespace(name=d, rank=om.rank, scale=1.0, magnitude=om.magnitude, bias=om.bias)
+             for om in mods if om.space == "model" for d in family.naming.spell("model", om.native, DIFFUSERS)]
+    if not parts:
+        return "{}"
+    cfg = peft_config(parts, folded=True)
+    keys = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias")
+    return json.dumps({f"{family.model_component}.{k}": cfg[k] for k in keys}, indent=2, sort_keys=True)

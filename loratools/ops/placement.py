@@ -50,13 +50,14 @@ def _placement(base, stem: str, rows, src, naming: str) -> Placement:
 def _model(base, family, canon: Canon, out_dim: int) -> list[Placement]:
     rule = family.naming.rule("model", canon.native)
     for prefix in MODEL_NATIVE_PREFIXES:
-        key = prefix + canon.native + ".weight"
-        if key in base.keys:
-            rows = None
-            if canon.part is not None:
-                shape = base.shape(key)
-                rows = rule.bounds(shape[1], shape[0], canon.native)[canon.part.index]
-            return [_placement(base, prefix + canon.native, rows, None, NATIVE)]
+        for native in (canon.native, *rule.aliases):  # a base may spell the native name another way (ComfyUI)
+            key = prefix + native + ".weight"
+            if key in base.keys:
+                rows = None
+                if canon.part is not None:
+                    shape = base.shape(key)
+                    rows = rule.bounds(shape[1], shape[0], canon.native)[canon.part.index]
+                return [_placement(base, prefix + native, rows, None, NATIVE)]
     for prefix in model_diffusers_prefixes(family):
         if canon.part is not None:
             stem = prefix + rule.diffusers[canon.part.index]
