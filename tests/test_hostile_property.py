@@ -56,7 +56,9 @@ def encode(values: np.ndarray, dtype: str) -> bytes:
     if dtype in ("BF16", "F8_E4M3"):
         import torch
 
-        t = torch.from_numpy(values.astype(np.float32)).to(torch.bfloat16 if dtype == "BF16" else torch.float8_e4m3fn)
+        with np.errstate(over="ignore"):
+            wide = values.astype(np.float32)
+        t = torch.from_numpy(wide).to(torch.bfloat16 if dtype == "BF16" else torch.float8_e4m3fn)
         return t.view(torch.uint8).numpy().tobytes()
     numpy_type = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I32": np.int32, "U8": np.uint8}[dtype]
     with np.errstate(over="ignore", invalid="ignore"):
