@@ -1,7 +1,8 @@
 """The command line: parse options, call loratools.api, render with loratools.report.
 
-Errors the user can fix are one line on stderr (`loratools: error: <file>: <problem>`) and exit 2;
-anything else is a bug and keeps its traceback. `--debug` shows tracebacks for every error.
+Errors the user can fix are one line on stderr (`loratools: error: <file>: <problem>`) and exit 2; anything else
+is a bug, still one line (`loratools: internal error: …`) with exit 3. `--debug` shows the traceback of either.
+docs/safety.md lists the exit codes.
 """
 
 from __future__ import annotations
