@@ -266,6 +266,7 @@ def _peft_folder(path: Path, config: dict) -> Path:
     ({"r": 4, "lora_alpha": 8, "use_dora": "yes"}, ["use_dora", "true or false"]),
     ({"r": 4, "lora_alpha": 8, "target_modules": [1, 2]}, ["target_modules"]),
     ('{"r": 4, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", ["nested too deeply"]),
+    ('{"r": 4, "pad": "' + "x" * (1 << 20) + '"}', ["larger than 1048576 bytes"]),
 ])
 def test_peft_configs_are_checked_as_peft_types_them(tmp_path, cli, config, words):
     folder = _peft_folder(tmp_path / "adapter", config)

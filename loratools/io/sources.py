@@ -65,9 +65,11 @@ MAX_CONFIG_BYTES = 1 << 20  # PEFT's own configs are a few KB; a bigger one is n
 
 def _read_config(path: Path) -> dict:
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
+        with open(path, "rb") as f:  # at most one byte past the limit, whatever the size says (/proc reports 0)
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
             raise FormatError(f"{PEFT_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes", path)
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(raw.decode("utf-8"))
     except RecursionError:
         raise FormatError(f"{PEFT_CONFIG} is nested too deeply", path) from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
