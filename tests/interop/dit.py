@@ -107,6 +107,14 @@ def _mochi_inputs(r, c):
                 timestep=torch.tensor([500.0]), encoder_attention_mask=torch.ones(1, 6))
 
 
+def _ltx2_inputs(r, c):  # packed video tokens (2 frames × 2 × 2) and audio tokens; sigma drives the prompt AdaLN
+    return dict(hidden_states=r(1, 2 * 2 * 2, c.in_channels), audio_hidden_states=r(1, 3, c.audio_in_channels),
+                encoder_hidden_states=r(1, 5, c.caption_channels),
+                audio_encoder_hidden_states=r(1, 5, c.caption_channels), timestep=torch.tensor([500.0]),
+                sigma=torch.tensor([0.5]), encoder_attention_mask=torch.ones(1, 5),
+                audio_encoder_attention_mask=torch.ones(1, 5), num_frames=2, height=2, width=2, audio_num_frames=3)
+
+
 @dataclass(frozen=True)
 class Tiny:
     model: str  # diffusers model class
@@ -168,6 +176,14 @@ TINY: dict[str, Tiny] = {
     "mochi": Tiny("MochiTransformer3DModel", {
         **VIDEO_HEADS, "patch_size": 2, "num_layers": 48, "pooled_projection_dim": 8, "in_channels": 4,
         "text_embed_dim": 16, "time_embed_dim": 8, "max_sequence_length": 6}, "MochiPipeline", _mochi_inputs),
+    # every LTX-2 option on (gated attention, prompt AdaLN of LTX-2.3, caption projections of LTX-2.0); two blocks, so
+    # that block 0's audio branch reaches the video output (the only output compared) through audio_to_video_attn
+    "ltx2": Tiny("LTX2VideoTransformer3DModel", {
+        "in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8,
+        "cross_attention_dim": 16, "audio_in_channels": 4, "audio_out_channels": 4, "audio_num_attention_heads": 2,
+        "audio_attention_head_dim": 4, "audio_cross_attention_dim": 8, "num_layers": 2, "caption_channels": 12,
+        "gated_attn": True, "audio_gated_attn": True, "cross_attn_mod": True, "audio_cross_attn_mod": True},
+        "LTX2Pipeline", _ltx2_inputs),
 }
 
 

@@ -54,6 +54,8 @@ GAPS = {
     ("cogvideox", "comfy"): (UNREAD, "diffusers reads CogVideoX LoRAs in diffusers names only"),
     ("mochi", "kohya"): (UNREAD, "diffusers reads Mochi LoRAs in diffusers names only"),
     ("mochi", "comfy"): (UNREAD, "diffusers reads Mochi LoRAs in diffusers names only"),
+    ("ltx2", "kohya"): (UNREAD, "diffusers' LTX-2 reader converts diffusion_model. keys only (lora_unet_ keys load "
+                                "nothing)"),
 }
 CELLS = [(c, t) for c in TINY for t in TARGETS]
 
