@@ -107,17 +107,12 @@ def _finite(x, dtype: str | None) -> bool:
     return bool(torch.isfinite(x.float() if x.element_size() == 1 else x).all())  # no isfinite for float8
 
 
-_MAGNITUDE_BITS = {"F16": ("<u2", 0x7FFF), "BF16": ("<u2", 0x7FFF), "F32": ("<u4", 0x7FFFFFFF),
-                   "F64": ("<u8", 0x7FFFFFFFFFFFFFFF)}
-
-
 def _nonzero(x, dtype: str | None) -> bool:
     """Whether stored bytes (in ``dtype``) or a torch tensor hold a value other than ±0."""
     if isinstance(x, (bytes, bytearray, memoryview)):
-        import numpy as np
+        from loratools.io.arrays import any_nonzero  # stops at the first piece with one: no pass over the whole
 
-        code, mask = _MAGNITUDE_BITS.get(dtype, ("u1", 0xFF))
-        return bool(np.bitwise_and(np.frombuffer(x, dtype=code), mask).any())
+        return any_nonzero(x, dtype)
     return bool(x.any())
 
 
