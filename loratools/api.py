@@ -99,9 +99,13 @@ def _family(lora: Lora, override: str | None):
     if override == "unknown":
         return FamilyResult(id="unknown", reason="not detected")
     if override:
+        from loratools.families.detect import contradiction
+
         fam = get_family(override)
+        evidence = [ModuleEvidence(m.component, m.name, m.adapter.in_dim, m.adapter.out_dim) for m in lora.modules]
         return FamilyResult(id=fam.id, confidence=1.0, evidence=["given with --family"],
-                            model_component=fam.model_component, given=True)
+                            model_component=fam.model_component, given=True,
+                            contradiction=contradiction(evidence, lora.metadata, fam.id))
     if lora.format == "cloneofsimo":  # positional keys: no names to match, the encoder width tells
         from loratools.formats.special import cloneofsimo_family
 

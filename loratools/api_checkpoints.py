@@ -113,6 +113,9 @@ def _bake_family(lora: Lora, family: str | None, told: tuple, base):
     from loratools.families import get_family
 
     if family:
+        from loratools.ops.convert import check_given
+
+        check_given(lora)
         return get_family(family)
     base_fid, fits, how = told
     found = lora.family

@@ -48,6 +48,7 @@ class FamilyResult:
     model_component: str = "model"
     candidates: list[str] = field(default_factory=list)  # the families that fit when none is decided
     given: bool = False  # named by the user (--family), not detected
+    contradiction: str | None = None  # a given family whose shapes the file contradicts, and the one they fit
 
     @property
     def decided(self) -> bool:
@@ -220,3 +221,26 @@ def detect_family(modules: Sequence[ModuleEvidence], metadata: Mapping[str, str]
         metadata_claims=claims,
         model_component=winner.fam.model_component,
     )
+
+
+def contradiction(modules: Sequence[ModuleEvidence], metadata: Mapping[str, str] | None, fid: str) -> str | None:
+    """Why a family named by the user is the wrong one: the evidence decides another family and the file's shapes
+    (widths, block counts) contradict the named one. A named family whose names fit but whose widths do not (a tiny
+    or pruned model) is no contradiction unless another family is decided by the evidence."""
+    from . import encoders, load_families
+
+    detected = detect_family(modules, metadata)
+    if not detected.decided or detected.id == fid:
+        return None
+    families = load_families()
+    ctx = Context(modules)
+    e = Evaluation(families[fid], ctx, text_encoder_stats(ctx, encoders()) if ctx.te else {}, encoders())
+    if not e.candidate:
+        return None  # its names do not fit either: canonicalising says which modules it lacks
+    shapes = [f"{r.says}: expected {r.expected()}, found {_fmt(d)} on {_plural(k, 'module')} (e.g. {ex})"
+              for r, k, ex, d in e.dim_bad]
+    shapes += [f"{r.says}: index {top}, but {e.fam.name} has {r.count}" for r, top in e.over]
+    if not shapes:
+        return None
+    shown = detected.id + (f" ({detected.variant})" if detected.variant else "")
+    return f"the file's shapes say {shown}, not {fid}: {shapes[0]}"

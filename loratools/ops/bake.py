@@ -111,7 +111,10 @@ def unmatched_error(unmatched: list[str], loras, base: Base) -> FormatError:
     elif all(": te" in u for u in unmatched):
         cause = "the base holds no text encoder weights for them (a model-only file?)"
     else:
-        cause = f"is the base a {'/'.join(fams)} checkpoint?"
+        # the LoRA's variant (an I2V LoRA's image cross-attention, a control LoRA's input) is often what the base lacks
+        variants = sorted({v for lora, _, _ in loras if (v := getattr(lora.family, "variant", None))})
+        kind = f" {'/'.join(variants)}" if variants else ""
+        cause = f"the LoRA is {'/'.join(fams)}{kind}: is the base a {'/'.join(fams)}{kind} checkpoint?"
     return FormatError(f"{len(unmatched)} LoRA modules have no weight in the base: {shown} — {cause} "
                        "(--allow-unmatched skips them)", base.path)
 

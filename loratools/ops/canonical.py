@@ -49,9 +49,9 @@ def canonicalize(lora: Lora, family: Family, lora_only: bool = True) -> list[tup
     for m in lora.modules:
         space = spaces.get(m.component)
         canon = None
-        if space:  # kohya names are flat; a dotted name in a mixed file is looked up dotted, then flattened
+        if space:  # kohya names are flat; a name in a mixed file is looked up as it is, then flattened
             canon = table.resolve(space, m.name, flat and "." not in m.name) or (
-                table.resolve(space, m.name.replace(".", "_"), True) if "." in m.name else None)
+                table.resolve(space, m.name.replace(".", "_"), True))
         if canon is None:
             unmatched.append(f"{m.component}:{m.name}")
             continue

@@ -46,9 +46,18 @@ def _undecided(lora: Lora, why: str = "") -> UnknownFamily:
     return UnknownFamily(text, lora.path)
 
 
+def check_given(lora: Lora) -> None:
+    """Refuse a family named with --family that the file's shapes contradict (they decide another family)."""
+    conflict = getattr(lora.family, "contradiction", None)
+    if conflict:
+        raise UsageError(f"--family {lora.family.id}: {conflict}; the output would not load into that model",
+                            lora.path)
+
+
 def family_of(lora: Lora, override: str | None) -> str:
     """The family an operation may act on: given, or decided by the evidence; never a guess."""
     if override and override != "unknown":
+        check_given(lora)
         return get_family(override).id
     fam = lora.family
     if fam is not None and fam.decided:
@@ -80,15 +89,18 @@ def choose_family(lora: Lora, override: str | None, build: Callable[[Family], li
         fid = family_of(lora, override)
     except UnknownFamily:
         cands = list(getattr(lora.family, "candidates", None) or [])
-        signatures, plans = set(), []
+        signatures, plans, failed = set(), [], []
         for cid in cands:
             fam = get_family(cid)
             try:
                 mods = build(fam)
                 signatures.add(output_signature(mods, fam, to))
             except LoraToolsError:
-                raise _undecided(lora, f"the modules do not fit {cid}") from None
+                failed.append(cid)
+                continue
             plans.append(mods)
+        if failed:
+            raise _undecided(lora, f"{', '.join(failed)} cannot name these modules in {to}") from None
         if len(signatures) == 1:
             return None, plans[0]
         raise _undecided(lora, f"the {to} file would differ between them" if signatures else "") from None

@@ -215,6 +215,7 @@ class Source:
     path: Path  # the LoRA file, as the pipeline's save_lora_weights writes it
     reference: torch.Tensor  # the PEFT-adapted model's output
     modules: list[str]  # the adapted Linear modules (diffusers names)
+    adapted: torch.nn.Module  # the model with the trainer's adapter (PEFT layers)
 
 
 def linear_modules(model: torch.nn.Module, leave_out: str | None = None) -> list[str]:
@@ -233,7 +234,7 @@ def source(family: str, folder: Path, leave_out: str | None = None, rank: int = 
     folder.mkdir(parents=True, exist_ok=True)
     pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model),
                                transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
-    return Source(family, folder / "pytorch_lora_weights.safetensors", reference, targets)
+    return Source(family, folder / "pytorch_lora_weights.safetensors", reference, targets, model)
 
 
 class LoadFailed(AssertionError):
