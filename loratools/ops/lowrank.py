@@ -47,14 +47,20 @@ def svd_of(name: str, path=None):
 def _check_finite(*tensors) -> None:
     import torch
 
-    if not all(bool(torch.isfinite(t).all()) for t in tensors):
-        raise NoSVD("its values hold NaN or Inf, which have no SVD")
+    for t in tensors:  # min and max in one pass, no temporaries: a NaN makes both NaN, an Inf is one of them
+        if t.numel() and not all(math.isfinite(v.item()) for v in torch.aminmax(t)):
+            raise NoSVD("its values hold NaN or Inf, which have no SVD")
 
 
 def _unit(t):
     """``(t / c, c)`` with ``c`` a power of two that brings the largest magnitude near 1, or ``(t, 1.0)`` when it
     is already within ``_UNIT_EXPONENTS``."""
-    peak = float(t.abs().max()) if t.numel() else 0.0
+    import torch
+
+    if not t.numel():
+        return t, 1.0
+    lo, hi = torch.aminmax(t)  # one pass, no |t| copy
+    peak = max(-lo.item(), hi.item())
     e = math.frexp(peak)[1]
     if peak == 0.0 or _UNIT_EXPONENTS[0] <= e <= _UNIT_EXPONENTS[1]:
         return t, 1.0

@@ -203,6 +203,10 @@ def lora_module(template: Module, up, down, alpha: float, f: Factors, mem: Memor
 
     def stored(x, shape):  # a fresh row-major host tensor: QR outputs come column-major, even along unit dims
         t = torch.empty(shape, dtype=out).copy_(x.reshape(shape))
+        if t.is_floating_point() and x.numel():
+            lo, hi = torch.aminmax(x)  # one pass: only a result that may leave the dtype's range gets the tests below
+            if -torch.finfo(out).max <= lo.item() and hi.item() <= torch.finfo(out).max:
+                return t
         wide = t.float() if t.element_size() == 1 else t  # torch has no isfinite for float8
         if not bool(torch.isfinite(wide).all()) and bool(torch.isfinite(x).all()):
             raise FormatError(f"module {template.name}: the result lies beyond {str(out).removeprefix('torch.')}'s "
