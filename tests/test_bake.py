@@ -429,6 +429,41 @@ def test_fp8_kept_only_with_keep_and_warned(tmp_path):
     assert got.dtype == torch.bfloat16 and torch.allclose(got.double(), want, atol=1e-2)
 
 
+def test_scaled_fp8_base_is_patched_in_the_weight_loaders_use_and_widened_to_a_plain_checkpoint(tmp_path):
+    """ComfyUI's scaled_fp8 layout: W = weight · scale_weight. Kept, the patch lands on W at the same scale; widened,
+    the weight is W + ΔW and the layer's scales and the file's marker go (a plain bf16 checkpoint). An unpatched
+    scaled weight is dequantised too when widened."""
+    h = 32
+    g = torch.Generator().manual_seed(7)
+    names = ("double_blocks.0.img_attn.proj", "double_blocks.0.txt_attn.proj")
+    real = {n: torch.randn(h, h, generator=g) * 0.05 for n in names}
+    scales = {n: real[n].abs().max() / 448 for n in names}
+    items = [("scaled_fp8", "F8_E4M3", (0,), b"")]
+    for n in names:
+        q = (real[n] / scales[n]).to(torch.float8_e4m3fn)
+        items += [(f"{n}.weight", "F8_E4M3", (h, h), q.view(torch.uint8)),
+                  (f"{n}.scale_weight", "F32", (), scales[n].reshape(())),
+                  (f"{n}.scale_input", "F32", (), torch.tensor(1.0))]
+    write_safetensors(tmp_path / "b.safetensors", items)
+    stored = load(tmp_path / "b.safetensors")
+    up, down = pair(h, h)
+    path = write_lora(tmp_path / "l.safetensors", {f"diffusion_model.{names[0]}.lora_A.weight": down,
+                                                   f"diffusion_model.{names[0]}.lora_B.weight": up})
+    w0 = {n: stored[f"{n}.weight"].double() * float(scales[n]) for n in names}
+    delta = product(up, down)
+    loratools.bake(tmp_path / "b.safetensors", [path], tmp_path / "k.safetensors", family="flux1")
+    kept = load(tmp_path / "k.safetensors")
+    assert set(kept) == set(stored) and kept[f"{names[0]}.weight"].dtype == torch.float8_e4m3fn
+    moved = kept[f"{names[0]}.weight"].double() * float(kept[f"{names[0]}.scale_weight"]) - w0[names[0]]
+    assert abs(float((moved * delta).sum() / (delta * delta).sum()) - 1.0) < 0.05  # ΔW, to fp8's rounding
+    assert torch.equal(kept[f"{names[1]}.weight"].view(torch.uint8), stored[f"{names[1]}.weight"].view(torch.uint8))
+    loratools.bake(tmp_path / "b.safetensors", [path], tmp_path / "w.safetensors", family="flux1", dtype="bf16")
+    wide = load(tmp_path / "w.safetensors")
+    assert set(wide) == {f"{n}.weight" for n in names}  # no scales, no marker: a plain checkpoint
+    assert torch.allclose(wide[f"{names[0]}.weight"].double(), w0[names[0]] + delta, atol=2e-3)
+    assert torch.allclose(wide[f"{names[1]}.weight"].double(), w0[names[1]], atol=1e-3)
+
+
 # --- bad input --------------------------------------------------------------------------------------------------
 
 def test_lora_of_another_family_lists_unmatched_and_cause(sdxl, tmp_path):

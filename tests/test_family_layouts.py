@@ -352,10 +352,6 @@ def test_bake_matches_a_float64_reference(case, tmp_path):
             assert fa.read(ia.end - ia.begin) == fb.read(ib.end - ib.begin), key
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="bake plans a weight patch for a module that holds only a bias difference (.diff_b) and "
-                          "crashes computing its missing weight delta (ops/bake.py plan_patches, ops/patch.py "
-                          "_module_delta)")
 def test_bake_takes_a_module_with_only_a_bias_difference(tmp_path):
     """HunyuanVideo's guidance_in.in_layer as a ComfyUI difference file can hold only .diff_b (the issue's log
     lists it beside a lone factor): the bias moves by 0.7·diff_b, the weight stays."""
@@ -372,9 +368,6 @@ def test_bake_takes_a_module_with_only_a_bias_difference(tmp_path):
                              "bias")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bake adds ΔW to the stored fp8 numbers of a scaled-fp8 checkpoint without dividing by its "
-                          "weight_scale: the LoRA lands scaled by weight_scale (~1e-4)")
 def test_bake_into_a_scaled_fp8_checkpoint_moves_the_effective_weight(tmp_path):
     """The official FLUX.2 Klein 4B fp8 layout stores W as fp8 numbers times a per-tensor weight_scale (F32): the
     weight a loader uses is weight·weight_scale, and that is what a LoRA must move."""

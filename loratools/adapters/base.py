@@ -96,6 +96,11 @@ class Adapter:
     def parameters(self) -> int:
         return sum(t.numel for t in self.tensors.values())
 
+    @property
+    def moves_weight(self) -> bool:
+        """Whether the adapter changes its layer's weight (a stored bias difference alone does not)."""
+        return True
+
     def check(self) -> None:
         """Raise ShapeMismatch when the factors cannot belong together."""
 

@@ -22,6 +22,10 @@ class Full(Adapter):
         ref = self.tensors.get("diff")
         return ref.shape[1] if ref is not None and len(ref.shape) > 1 else None
 
+    @property
+    def moves_weight(self) -> bool:
+        return self.has("diff")
+
     def delta(self, base=None, alpha=None, strength=1.0):
         return f32(self.t("diff")) if self.has("diff") else None
 

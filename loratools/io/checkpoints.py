@@ -100,10 +100,13 @@ def open_base(path) -> Base:
     return Base(path)
 
 
-def rewrite_index(src: str, dest: str, sizes: dict[str, int]) -> None:
-    """A shard index with the same weight map and the total size of the rewritten shards."""
+def rewrite_index(src: str, dest: str, sizes: dict[str, int], dropped: set[str] = frozenset()) -> None:
+    """A shard index with the same weight map (less the ``dropped`` tensors) and the total size of the rewritten
+    shards."""
     with open(src, encoding="utf-8") as f:
         index = json.load(f)
     index.setdefault("metadata", {})["total_size"] = sum(sizes.values())
+    if dropped and isinstance(index.get("weight_map"), dict):
+        index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in dropped}
     with open(dest, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)

@@ -26,6 +26,7 @@ from loratools.ops.canonical import canonicalize
 from loratools.ops.patch import Patch, bias_of, cpu_products, patch_tensor
 from loratools.ops.pipeline import Pipeline
 from loratools.ops.placement import Placement, base_family, locate
+from loratools.ops.quant import dequantised, dropped_when_widened, quantised, weight_scale_key
 from loratools.ops.threads import compute_threads, peak_rss_mb
 
 _FLOATS = {"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
@@ -91,7 +92,8 @@ def plan_patches(base: Base, loras: list[tuple[Lora, float, Family]], allow_unma
             matched += 1
             for p in places:
                 swap = _needs_swap(family, c, p, m)
-                patches[p.key].append(Patch(m, strength, p, swap, fid))
+                if m.adapter.moves_weight:
+                    patches[p.key].append(Patch(m, strength, p, swap, fid))
                 if bias_of(m) is not None:
                     if p.bias_key is None:
                         raise ShapeMismatch(f"module {m.name} adapts a bias but the base has no {p.key[:-7]}.bias",
@@ -128,7 +130,11 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
     import torch
 
     jobs, items = [], []
-    for name, info in bf.header.tensors.items():
+    tensors = bf.header.tensors
+    dropped = dropped_when_widened(tensors) if _widens(wanted) else set()
+    for name, info in tensors.items():
+        if name in dropped:  # a dequantised layer's scales: the written weight is plain
+            continue
         key = f"{bf.component}/{name}" if bf.component else name
         todo = patches.get(key, [])
         dtype = out_dtype_name(info.dtype, wanted)
@@ -136,7 +142,14 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
             result.warnings.append(f"{key}: patched in fp8; rounding to 8 bits loses much of a small ΔW "
                                    "(--dtype bf16 keeps it)")
         torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
-        if todo:
+        scale_key = weight_scale_key(tensors, name)
+        if scale_key and (todo or dtype != info.dtype):  # scaled fp8: patch (or widen) the weight loaders use
+            scale = bf.sf.torch(scale_key).clone()
+            jobs.append((name, lambda w, t=todo, s=scale, d=torch_dtype, k=key: _scaled(w, t, s, d, k, device,
+                                                                                          result.warnings)))
+            result.patched_tensors += bool(todo)
+            result.copied_tensors += not todo
+        elif todo:
             # the pipeline's read buffer is ours to overwrite; the reader thread reads the factors beforehand
             jobs.append((name, lambda w, pr, t=todo, d=torch_dtype: patch_tensor(w, t, device, d, True, pr),
                          lambda t=todo: cpu_products(t, device)))
@@ -157,6 +170,22 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
 
 def _size(dtype: str) -> int:
     return DTYPE_SIZES[dtype]
+
+
+def _widens(wanted: str | None) -> bool:
+    return wanted is not None and wanted not in _FP8
+
+
+def _scaled(w, todo: list[Patch], scale, out_dtype, key: str, device, warnings: list[str]):
+    """A scaled-fp8 weight dequantised, patched, and either quantised again at its scale or left wide."""
+    import torch
+
+    x = dequantised(w, scale)
+    if todo:
+        x = patch_tensor(x, todo, device, torch.float32)
+    if out_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return quantised(x, scale, out_dtype, key, warnings)
+    return x.to(out_dtype)
 
 
 @contextlib.contextmanager
@@ -187,6 +216,8 @@ def _write_folder(base: Base, patches, tmp: str, metadata: dict, device, wanted,
     from loratools.io.writer import write_safetensors
 
     sizes: dict[str, int] = {}
+    dropped = {f"{bf.component}/{n}" if bf.component else n for bf in base.files
+               for n in (dropped_when_widened(bf.header.tensors) if _widens(wanted) else ())}
     for bf in base.files:
         dest = os.path.join(tmp, bf.rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -204,7 +235,10 @@ def _write_folder(base: Base, patches, tmp: str, metadata: dict, device, wanted,
     for rel in base.indexes:
         folder = os.path.dirname(rel)
         shard_sizes = {r: n for r, n in sizes.items() if os.path.dirname(r) == folder}
-        rewrite_index(os.path.join(base.path, rel), os.path.join(tmp, rel), shard_sizes)
+        component = folder.replace(os.sep, "/")
+        gone = {k.split("/", 1)[1] if component else k for k in dropped
+                if (k.split("/", 1)[0] == component if component else "/" not in k)}
+        rewrite_index(os.path.join(base.path, rel), os.path.join(tmp, rel), shard_sizes, gone)
     for rel in base.others:
         dest = os.path.join(tmp, rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
