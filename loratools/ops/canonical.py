@@ -49,9 +49,10 @@ def canonicalize(lora: Lora, family: Family, lora_only: bool = True) -> list[tup
     for m in lora.modules:
         space = spaces.get(m.component)
         canon = None
-        if space:  # kohya names are flat; a name in a mixed file is looked up as it is, then flattened
+        if space:  # kohya names are flat; a name in a mixed file is looked up as it is, then flattened (Wan-Fun
+            # files write `lora_unet__blocks_0_…`: a leading underscore too many)
             canon = table.resolve(space, m.name, flat and "." not in m.name) or (
-                table.resolve(space, m.name.replace(".", "_"), True))
+                table.resolve(space, m.name.replace(".", "_").lstrip("_"), True))
         if canon is None:
             unmatched.append(f"{m.component}:{m.name}")
             continue
