@@ -1,4 +1,4 @@
-"""The command line: parse options, call loratools.api, render with loratools.report.
+"""The command line: parse options, call loratools.api, render with loratools.terminal.
 
 Errors the user can fix are one line on stderr (`loratools: error: <file>: <problem>`) and exit 2; anything else
 is a bug, still one line (`loratools: internal error: …`) with exit 3. `--debug` shows the traceback of either.
@@ -87,7 +87,7 @@ def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_
             continue
         results.append(info)
         if not as_json:
-            from loratools import report  # rich only for people: --json output stays quick
+            from loratools import terminal as report  # rich only for people: --json output stays quick
 
             report.print_inspect(info, top=top)
     if as_json:

@@ -102,7 +102,7 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
         if results[0]["ok"]:  # one file: one line, like cp -v (a failure was reported above)
             click.echo(_one_line(results[0]))
     else:
-        from loratools import report
+        from loratools import terminal as report
 
         report.print_convert(results)
     if failed:
@@ -174,7 +174,7 @@ def verify(a, b, rtol, family, allow_pickle, as_json) -> None:
     if as_json:
         click.echo(json.dumps(asdict(r), indent=2))
     else:
-        from loratools import report
+        from loratools import terminal as report
 
         report.print_verify(asdict(r))
     sys.exit(0 if r.equal else 1)

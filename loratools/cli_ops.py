@@ -52,7 +52,7 @@ def _finish(result, report: dict, output: str, to, family, dtype, overwrite, as_
     if as_json:
         click.echo(json.dumps(report, indent=2, default=str))
     else:
-        from loratools import report as render
+        from loratools import terminal as render
 
         render.print_lowrank(report, operation)
 

@@ -22,8 +22,8 @@ ALLOWED = {
     "ops": {"formats", "adapters", "model", "io", "families"},
     "metadata": {"io"},
     "summary": {"io", "metadata", "model"},
-    "report": {"io", "model", "metadata", "summary"},
-    "api": {"ops", "formats", "adapters", "model", "io", "families", "summary", "report", "metadata", "catalogue",
+    "terminal": {"io", "model", "metadata", "summary"},
+    "api": {"ops", "formats", "adapters", "model", "io", "families", "summary", "terminal", "metadata", "catalogue",
             "visual", "batch"},
     "catalogue": {"api", "ops", "io", "families", "record_memo"},
     "record_memo": {"io", "families"},
@@ -32,7 +32,7 @@ ALLOWED = {
     "executors": set(),
     # the HTML report: measures with ops, loads through api (lazily, as catalogue does), draws with matplotlib
     "visual": {"api", "ops", "model", "io", "families", "summary", "metadata", "catalogue"},
-    "cli": {"api", "cli_ops", "cli_bake", "cli_convert", "cli_scan", "io", "summary", "report", "metadata",
+    "cli": {"api", "cli_ops", "cli_bake", "cli_convert", "cli_scan", "io", "summary", "terminal", "metadata",
             "catalogue", "visual", "batch", "executors"},
 }
 LEAVES = {"errors", "_version"}

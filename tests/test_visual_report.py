@@ -268,12 +268,13 @@ def test_inspect_plot_writes_the_block_map(files, tmp_path):
     assert isinstance(again.exception, UsageError) and "--overwrite" in str(again.exception)  # exit 2 from main()
 
 
-def test_report_entry_point_and_terminal_renderer_coexist():
-    """`from loratools import report` still reaches the terminal renderer the command line uses."""
-    from loratools import report as entry
+def test_report_entry_point_is_the_html_report():
+    """`loratools.report` is the HTML report; the terminal renderer has a module of its own."""
+    from loratools import terminal
 
-    assert callable(entry) and callable(entry.print_inspect)
-    assert loratools.report is entry and "Example" in loratools.report.__doc__
+    from loratools.visual import report as report_function
+
+    assert loratools.report is report_function and callable(terminal.print_inspect)
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

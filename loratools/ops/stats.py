@@ -55,6 +55,13 @@ def _number(x: float) -> float | None:
 def module_stats(lora: Lora) -> dict:
     """Per-module ‖s·ΔW‖_F, effective rank and health flags, plus a summary. Never raises on the numbers: a
     module holding NaN or Inf, or whose ΔW overflows (no SVD), is flagged ``nan_or_inf`` and has no norm."""
+    from loratools.ops.threads import small_matrix_threads
+
+    with small_matrix_threads():  # module by module, small factor-space SVDs
+        return _module_stats(lora)
+
+
+def _module_stats(lora: Lora) -> dict:
     rows, flagged = [], {"nan_or_inf": [], "all_zero": [], "needs_base": []}
     for m in lora.modules:
         bad, zero = _finite(m)

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,32 +151,4 @@ def plot(paths, output, *, family: str | None = None, allow_pickle: bool = False
     return str(dest)
 
 
-class _ReportEntry:
-    """``loratools.report``: call it for the HTML report (``_report``).
-
-    The package also has a module ``loratools/report.py`` (the terminal renderer the command line imports as
-    ``from loratools import report``). Importing a submodule rebinds the package attribute of the same name, so
-    this entry point hands attribute lookups to that module and puts itself back: both uses keep working until the
-    renderer module gets a name of its own.
-    """
-
-    def __init__(self, fn):
-        functools.update_wrapper(self, fn)
-
-    def __call__(self, *args, **kwargs) -> ReportResult:
-        return self.__wrapped__(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        import importlib
-        import sys
-
-        if name.startswith("__"):
-            raise AttributeError(name)
-        terminal = importlib.import_module("loratools.report")
-        package = sys.modules.get("loratools")
-        if package is not None and getattr(package, "report", None) is not self:
-            package.report = self
-        return getattr(terminal, name)
-
-
-report = _ReportEntry(_report)
+report = _report
