@@ -102,3 +102,16 @@ def test_dora_axis_from_magnitude_shape(shape, axis):
     r = refs(lora_up=g(6, 2), lora_down=g(2, 5), m=g(*shape))
     m = Module("x", "model", LoRA({k: r[k] for k in ("lora_up", "lora_down")}), magnitude=r["m"])
     assert m.dora_axis == axis
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+def test_lokr_singular_values_are_those_of_its_dense_delta(decomposed):
+    """inspect --stats takes a LoKr's spectrum from its Kronecker factors; it must be the dense ΔW's."""
+    w2 = dict(lokr_w2_a=g(6, 2), lokr_w2_b=g(2, 5)) if decomposed else dict(lokr_w2=g(6, 5))
+    a = LoKr(refs(lokr_w1=g(3, 4), **w2))
+    dense = torch.linalg.svdvals(a.delta().double())
+    s = a.singular_values()
+    n = min(s.numel(), dense.numel())  # the longer list ends in zeros
+    assert torch.allclose(s[:n], dense[:n], rtol=1e-5, atol=1e-5)
+    assert bool((s[n:].abs() < 1e-5).all()) and bool((dense[n:].abs() < 1e-5).all())
+    assert LoRA(refs(lora_up=g(5, 2), lora_down=g(2, 4))).singular_values() is None  # from its factors instead

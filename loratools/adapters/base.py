@@ -108,6 +108,11 @@ class Adapter:
         """``(up, down)``, 2-D float32 with ΔW = up @ down (flattened), when the adapter is a low-rank product."""
         return None
 
+    def singular_values(self):
+        """The unscaled ΔW's singular values (float64, descending) when the adapter has them cheaper than from a
+        dense ΔW (LoKr), else None: the caller decomposes ``low_rank()`` or ``delta()``."""
+        return None
+
     def delta(self, base=None, alpha: float | None = None, strength: float = 1.0):
         """Dense ΔW (float32 torch tensor, unscaled) — 2-D for linears, 4-D for convs when known. ``alpha`` and
         ``strength`` matter only to adapters that use them inside (OFT's constraint; ``strength_inside``)."""

@@ -93,6 +93,13 @@ class LoKr(Adapter):
             return torch.einsum("ijkl,jr,ip->prkl", f32(self.t("lokr_t2")), b, a)
         return a @ b
 
+    def singular_values(self):
+        # a Kronecker product's singular values are the pairwise products of its factors': no dense ΔW needed
+        import torch
+
+        s1, s2 = (torch.linalg.svdvals(w.flatten(1)).double() for w in (self.w1(), self.w2()))
+        return torch.outer(s1, s2).flatten().sort(descending=True).values
+
     def delta(self, base=None, alpha=None, strength=1.0):
         import torch
 

@@ -58,10 +58,6 @@ class BflControl(Codec):
         return len(stems) + 1  # every stem, the replacements included: nothing else explains the file
 
 
-# text-encoder attention width -> (family, what it is)
-TEXT_ENCODER_WIDTHS = {768: ("sd1", "CLIP-L (SD 1.x)"), 1024: ("sd2", "OpenCLIP-H (SD 2.x)")}
-
-
 def cloneofsimo_family(modules) -> tuple[str | None, list[str]]:
     """The family a cloneofsimo file's text-encoder width says, with the evidence; (None, reason) when it cannot
     tell. Its keys carry no module names; ``lora_diffusion`` only trained SD 1.x/2.x, whose encoders differ in
@@ -70,8 +66,13 @@ def cloneofsimo_family(modules) -> tuple[str | None, list[str]]:
     if not widths:
         return None, ["cloneofsimo keys carry no module names and the file has no text-encoder modules"]
     width = widths.most_common(1)[0][0]
-    if width not in TEXT_ENCODER_WIDTHS:
+    from loratools.families import encoders, load_families
+
+    known = encoders().by_id
+    fits = [(f, known[e]) for f in load_families().values() if "cloneofsimo" in f.data["detect"].get("positional", ())
+            for e in f.text_encoders.get("te1", ()) if e in known and known[e].width == width]
+    if len(fits) != 1:
         return None, [f"cloneofsimo file whose text encoder is {width} wide (lora_diffusion trained SD 1.x/2.x)"]
-    family, what = TEXT_ENCODER_WIDTHS[width]
-    return family, ["cloneofsimo/lora (lora_diffusion) trained only Stable Diffusion 1.x/2.x",
-                    f"text encoder width {width}: {what}"]
+    family, enc = fits[0]
+    return family.id, ["cloneofsimo/lora (lora_diffusion) trained only Stable Diffusion 1.x/2.x",
+                       f"text encoder width {width}: {enc.name} ({family.name})"]

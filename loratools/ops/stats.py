@@ -10,18 +10,15 @@ from loratools.ops.lowrank import NoSVD, effective_rank, factor_svd, svd
 
 def _singular_values(module: Module):
     """Singular values of the module's unscaled ΔW, or None when they need the base weights."""
-    import torch
-
     a = module.adapter
     if a.needs_base:
         return None
     factors = a.low_rank()
     if factors is not None:
         return factor_svd(*factors, compute_uv=False)
-    if a.kind == "lokr":  # singular values of a Kronecker product are the pairwise products
-        w1, w2 = a.w1().flatten(1), a.w2().flatten(1)
-        s = torch.outer(svd(w1)[1].double(), svd(w2)[1].double()).flatten()
-        return s.sort(descending=True).values
+    s = a.singular_values()
+    if s is not None:
+        return s
     delta = a.delta()
     if delta is None:
         return None
