@@ -11,7 +11,6 @@ import json
 import os
 import stat
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -210,7 +209,9 @@ def scan(paths: Iterable[str | os.PathLike], catalogue: str | os.PathLike | None
     todo = [p for p in files if not _unchanged(old.get(p), p, hashes)]
     fresh: dict[str, dict] = {}
     if jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        from loratools.executors import local_executor  # workers started clean, never forked from our threads
+
+        with local_executor(jobs) as pool:
             for rec in pool.map(_safe_one, [(p, hashes) for p in todo], chunksize=64):
                 fresh[rec["path"]] = rec
     else:

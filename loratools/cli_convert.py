@@ -123,9 +123,9 @@ def _run(work: list[tuple], jobs: int, show: bool) -> list[dict]:
     with Progress(transient=True, console=_stderr()) as bar:
         task = bar.add_task("converting", total=len(work))
         if jobs > 1 and len(work) > 1:
-            from concurrent.futures import ProcessPoolExecutor
+            from loratools.executors import local_executor
 
-            with ProcessPoolExecutor(max_workers=jobs) as pool:
+            with local_executor(jobs) as pool:
                 for r in pool.map(_one, work):
                     results.append(r)
                     bar.advance(task)
@@ -138,9 +138,9 @@ def _run(work: list[tuple], jobs: int, show: bool) -> list[dict]:
 
 def _run_plain(work: list[tuple], jobs: int) -> list[dict]:
     if jobs > 1 and len(work) > 1:
-        from concurrent.futures import ProcessPoolExecutor
+        from loratools.executors import local_executor  # workers started clean, never forked from our threads
 
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
+        with local_executor(jobs) as pool:
             return list(pool.map(_one, work))
     return [_one(w) for w in work]
 

@@ -472,4 +472,4 @@ def test_a_bad_file_in_a_parallel_batch_fails_alone(tmp_path, cli):
     for bad in ("broken", "nan", "two_alphas", "huge_fold"):
         assert len([line for line in lines if f"{bad}.safetensors" in line and "error" in line.lower()]) == 1, lines
     assert "Traceback" not in "\n".join(lines)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"ok{i}.diffusers.safetensors" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"ok{i}.diffusers.safetensors" for i in range(3)], lines

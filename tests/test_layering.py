@@ -25,7 +25,7 @@ ALLOWED = {
     "terminal": {"io", "model", "metadata", "summary"},
     "api": {"ops", "formats", "adapters", "model", "io", "families", "summary", "terminal", "metadata", "catalogue",
             "visual", "batch"},
-    "catalogue": {"api", "ops", "io", "families", "record_memo"},
+    "catalogue": {"api", "ops", "io", "families", "record_memo", "executors"},
     "record_memo": {"io", "families"},
     # batch jobs call the API in workers; executors only wrap concurrent.futures and Dask
     "batch": {"api", "ops", "io", "catalogue"},

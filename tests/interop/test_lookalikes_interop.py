@@ -51,7 +51,9 @@ TINY = {
                                                          "num_layers": 2, "num_single_layers": 2,
                                                          "num_refiner_layers": 1, "text_embed_dim": 32,
                                                          "pooled_projection_dim": 16, "rope_axes_dim": (4, 6, 6)}),
-    "mochi": ("MochiTransformer3DModel", {**HEADS, "num_layers": 2, "pooled_projection_dim": 16, "in_channels": 4,
+    # 48 blocks as released: Mochi's last block has no text-stream update, a module (norm1_context.linear_1) the
+    # naming tables know at block 47 only
+    "mochi": ("MochiTransformer3DModel", {**HEADS, "num_layers": 48, "pooled_projection_dim": 16, "in_channels": 4,
                                           "text_embed_dim": 32, "time_embed_dim": 16, "max_sequence_length": 16}),
     "cogvideox": ("CogVideoXTransformer3DModel", {**HEADS, "in_channels": 4, "out_channels": 4, "time_embed_dim": 16,
                                                   "text_embed_dim": 32, "num_layers": 2, "sample_width": 8,
