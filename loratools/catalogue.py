@@ -171,22 +171,61 @@ def _safe_one(args: tuple[str, bool]) -> dict:
 
 
 def read_catalogue(path: str | os.PathLike) -> dict[str, dict]:
-    """Records of an existing catalogue by path (lines that are not records are skipped)."""
+    """Records of an existing catalogue by path (lines or rows that are not records are skipped)."""
     out: dict[str, dict] = {}
     try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict) and isinstance(rec.get("path"), str):
-                    out[rec["path"]] = rec
+        if str(path).endswith(".parquet"):
+            texts = _parquet_records(path)
+        else:
+            with open(path, encoding="utf-8") as f:
+                texts = f.readlines()
+        for text in texts:
+            try:
+                rec = json.loads(text)
+            except (TypeError, ValueError):
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("path"), str):
+                out[rec["path"]] = rec
     except FileNotFoundError:
         pass
     except OSError as exc:
         raise LoraToolsError(f"cannot read the catalogue ({exc.strerror or exc})", path) from None
     return out
+
+
+def _pyarrow(path):
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise LoraToolsError("a .parquet catalogue needs pyarrow: pip install 'loratools[parquet]'", path) from None
+    return pyarrow
+
+
+def _parquet_records(path) -> list:
+    """The ``record`` column (each record's JSON) of a Parquet catalogue."""
+    pa = _pyarrow(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    try:
+        return pa.parquet.read_table(path, columns=["record"]).column("record").to_pylist()
+    except (pa.ArrowException, KeyError) as exc:
+        raise LoraToolsError(f"not a loratools catalogue ({str(exc).splitlines()[0][:200]})", path) from None
+
+
+# The Parquet catalogue's columns: what collections are queried by (one per record), and the whole record as JSON.
+_COLUMNS = (("path", "string"), ("kind", "string"), ("size", "int64"), ("format", "string"), ("family", "string"),
+            ("variant", "string"), ("modules", "int64"), ("rank", "int64"), ("sha256", "string"),
+            ("autov3", "string"), ("error", "string"), ("record", "string"))
+
+
+def _row(r: dict) -> dict:
+    info, hashes = r.get("info") or {}, r.get("hashes") or {}
+    family = info.get("family") or {}
+    return {"path": r["path"], "kind": r.get("kind"), "size": r.get("size"), "format": info.get("format"),
+            "family": family.get("id"), "variant": family.get("variant"), "modules": info.get("modules"),
+            "rank": (info.get("rank") or {}).get("common"), "sha256": hashes.get("sha256"),
+            "autov3": hashes.get("addnet"), "error": r.get("error"), "record": json.dumps(r, ensure_ascii=False)}
 
 
 def _unchanged(old: dict | None, path: str, hashes: bool) -> bool:
@@ -224,8 +263,17 @@ def scan(paths: Iterable[str | os.PathLike], catalogue: str | os.PathLike | None
 
 
 def write_catalogue(path: str | os.PathLike, records: list[dict]) -> None:
-    lines = "".join(json.dumps({k: v for k, v in r.items() if k != "reused"}, ensure_ascii=False) + "\n"
-                    for r in records).encode("utf-8")
+    """One JSON record per line, or (``.parquet``) a table of the columns collections are queried by plus each
+    record as JSON; written atomically."""
+    kept = [{k: v for k, v in r.items() if k != "reused"} for r in records]
+    if str(path).endswith(".parquet"):
+        pa = _pyarrow(path)
+        schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in _COLUMNS])
+        sink = pa.BufferOutputStream()
+        pa.parquet.write_table(pa.Table.from_pylist([_row(r) for r in kept], schema=schema), sink)
+        lines = sink.getvalue().to_pybytes()
+    else:
+        lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept).encode("utf-8")
     with atomic_file(path, overwrite=True) as fd:
         view = memoryview(lines)
         while view:
@@ -260,6 +308,6 @@ def summarize(records: list[dict]) -> dict:
 
 def catalogue_path(path: str | os.PathLike) -> Path:
     p = Path(path)
-    if p.suffix != ".jsonl":
-        raise LoraToolsError("the catalogue is a .jsonl file (one JSON record per line)", p)
+    if p.suffix not in (".jsonl", ".parquet"):
+        raise LoraToolsError("the catalogue is a .jsonl file (one JSON record per line) or a .parquet table", p)
     return p

@@ -10,8 +10,8 @@ import click
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "catalogue", default=None,
-              help="Catalogue file (.jsonl): written atomically; a rerun re-reads only files whose size or mtime "
-                   "changed.")
+              help="Catalogue file (.jsonl, or .parquet with pyarrow): written atomically; a rerun re-reads only "
+                   "files whose size or mtime changed.")
 @click.option("--hash", "hashes", is_flag=True, help="sha256 and AutoV3 content hashes (finds re-saved duplicates).")
 @click.option("--jobs", "-j", default=1, show_default=True, help="Worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")

@@ -299,3 +299,25 @@ def test_only_decisive_metadata_changes_a_record(tmp_path):
             meta = {k: v for k, v in sample.items() if k not in decisive}
             path = synthesize(name, tmp_path / f"{t}-{s}.safetensors", layout_data=lay, metadata=meta)
             assert strip(loratools.inspect(path)) == bare, (name, sorted(meta))
+
+
+def test_a_parquet_catalogue_holds_the_same_records_and_reruns_incrementally(collection, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    root, _, _ = collection
+    work = tmp_path / "c"
+    shutil.copytree(root / "flux1", work)
+    first = loratools.scan([work], tmp_path / "catalogue.jsonl", hashes=True)
+    table = loratools.scan([work], tmp_path / "catalogue.parquet", hashes=True)
+    assert [json.dumps(r, sort_keys=True) for r in table] == [json.dumps(r, sort_keys=True) for r in first]
+    rows = pq.read_table(tmp_path / "catalogue.parquet").to_pylist()
+    assert [r["path"] for r in rows] == [r["path"] for r in first]
+    for row, rec in zip(rows, first):  # the query columns say what the record says
+        info = rec.get("info") or {}
+        assert (row["kind"], row["family"], row["format"], row["modules"]) == (
+            rec["kind"], (info.get("family") or {}).get("id"), info.get("format"), info.get("modules"))
+        assert row["sha256"] == (rec.get("hashes") or {}).get("sha256") and json.loads(row["record"]) == rec
+    again = loratools.scan([work], tmp_path / "catalogue.parquet", hashes=True)
+    assert all(r.get("reused") for r in again)
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(loratools.errors.LoraToolsError, match="not a loratools catalogue"):
+        loratools.scan([work], tmp_path / "bad.parquet")
