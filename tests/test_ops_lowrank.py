@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools.errors import UsageError
-from loratools.ops.lowrank import (dense_svd, factor_svd, parse_dynamic, resolve_device, select_rank,
-                                   split_factors, truncation)
+from loratools.ops.lowrank import (FactorSVD, NoSVD, dense_svd, factor_svd, parse_dynamic, resolve_device,
+                                   select_rank, split_factors, truncation)
 
 
 def gen(seed):
@@ -36,6 +36,74 @@ def test_factor_svd_computes_float32_for_half_storage():
     assert s.dtype == torch.float32
     ref = torch.linalg.svdvals(up.double() @ down.double())[:4]
     torch.testing.assert_close(s.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def factor_batch(n, m, r, cols, dtype, seed, scales=None):
+    """``n`` random modules of one shape, stacked; ``scales`` multiplies each module's up (its magnitude)."""
+    g = gen(seed)
+    up = torch.randn(n, m, r, generator=g, dtype=torch.float64)
+    down = torch.randn(n, r, cols, generator=g, dtype=torch.float64) / math.sqrt(cols)
+    if scales is not None:
+        up = up * torch.tensor(scales, dtype=torch.float64)[:, None, None]
+    return up.to(dtype), down.to(dtype)
+
+
+# odd shapes: fewer rows or columns than the rank (the core is then not square), a kernel-sized n, one module
+@pytest.mark.parametrize("n,m,r,cols,k", [(5, 40, 8, 24, 3), (4, 6, 8, 5, 4), (3, 5, 8, 30, 5), (6, 33, 64, 2880, 16),
+                                          (1, 20, 4, 12, 2)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_a_batch_gives_each_module_its_own_svd(n, m, r, cols, k, dtype, tol):
+    """The stacked modules come out as each would alone, and as the float64 dense SVD says; modules of very
+    different magnitudes (1e-20 ... 1e20: each gets its own power-of-two scale) do not disturb each other."""
+    scales = [1.0, 1e-20, 1e20, 3.0, 1e-3, 7.0][:n]
+    up, down = factor_batch(n, m, r, cols, dtype, seed=m + r + cols, scales=scales)
+    batch = FactorSVD(up, down)
+    left, right = batch.top(k)
+    assert batch.s.shape == (n, min(m, r, cols)) and left.shape == (n, m, k) and right.shape == (n, k, cols)
+    for i in range(n):
+        one = FactorSVD(up[i], down[i])
+        ref = torch.linalg.svdvals(up[i].double() @ down[i].double())[: min(m, r, cols)]
+        torch.testing.assert_close(batch.s[i], one.s, rtol=tol, atol=tol * float(ref[0]))
+        torch.testing.assert_close(batch.s[i].double(), ref, rtol=10 * tol, atol=10 * tol * float(ref[0]))
+        one_left, one_right = one.top(k)
+        got = left[i].double() @ right[i].double()
+        torch.testing.assert_close(got, one_left.double() @ one_right.double(), rtol=tol, atol=tol * float(ref[0]))
+        dense = up[i].double() @ down[i].double()  # the product of the top k terms is the optimal rank-k cut
+        best = float(ref[k:].pow(2).sum().sqrt()) if k < ref.shape[0] else 0.0
+        assert float((dense - got).norm()) == pytest.approx(best, rel=10 * tol, abs=10 * tol * float(ref[0]))
+        torch.testing.assert_close(left[i].norm(dim=0), right[i].norm(dim=1), rtol=10 * tol, atol=0)  # balanced
+
+
+def test_top_of_a_rank_deficient_product_is_exact_and_finite():
+    """k above the product's rank: the terms the core cannot tell from zero come out as zero columns (no 0/0), and
+    the product is still the matrix itself; a zero module gives zeros."""
+    g = gen(11)
+    b = torch.randn(30, 3, generator=g, dtype=torch.float64)
+    rank3 = torch.cat([b, b[:, :2] * 2, b[:, :1] - b[:, 1:2], b[:, 2:] * 0.5, torch.zeros(30, 1, dtype=torch.float64)], 1)
+    up = torch.stack([rank3, torch.zeros(30, 8, dtype=torch.float64)])  # rank 3 of 8, and a zero module
+    down = torch.randn(2, 8, 20, generator=g, dtype=torch.float64)
+    for dtype in (torch.float64, torch.float32):
+        svd = FactorSVD(up.to(dtype), down.to(dtype))
+        left, right = svd.top(6)
+        assert bool(torch.isfinite(left).all() and torch.isfinite(right).all())
+        full = up[0] @ down[0]
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(left[0].double() @ right[0].double(), full, rtol=tol, atol=tol * float(full.norm()))
+        assert not bool(left[1].any() or right[1].any()) and float(svd.s[1].max()) == 0.0
+
+
+def test_a_batch_names_the_first_module_without_an_svd():
+    up, down = factor_batch(5, 12, 4, 9, torch.float32, seed=2)
+    up[3, 2, 1] = float("nan")
+    down[1, 0, 5] = float("-inf")
+    with pytest.raises(NoSVD, match="NaN or Inf") as e:
+        FactorSVD(up, down)
+    assert e.value.index == 1
+    up, down = factor_batch(3, 12, 4, 9, torch.float32, seed=3, scales=[1.0, 1.0, 1e30])
+    down = down * torch.tensor([1.0, 1.0, 1e30])[:, None, None]  # finite factors whose product is not
+    with pytest.raises(NoSVD, match="exceed the range of float32") as e:
+        FactorSVD(up, down)
+    assert e.value.index == 2
 
 
 def test_split_factors_are_balanced_and_optimal():

@@ -9,7 +9,8 @@ from loratools.errors import ShapeMismatch, UsageError
 from loratools.model import MemorySource
 from loratools.ops.merge import merge
 from synth import synthesize
-from test_ops_resize import F64, dense, loha, lora_of, make_module, one_per_shape, optimal_error, rand_lora, svdvals
+from test_ops_resize import (F64, dense, loha, lora_of, make_module, mixed_modules, one_per_shape, optimal_error,
+                             rand_lora, small_batches, svdvals)  # noqa: F401 (small_batches: a fixture)
 
 
 def weighted_sum(pairs):
@@ -55,6 +56,24 @@ def test_svd_merge_dynamic_and_cap():
     want = next(i + 1 for i, e in enumerate(energy) if e >= 0.8)
     assert merge(items, method="svd", dynamic="sv_fro:0.8")[0].modules[0].rank == want
     assert merge(items, method="svd", dynamic="sv_fro:0.8", max_rank=2)[0].modules[0].rank == min(2, want)
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 5}, {"dynamic": "sv_fro:0.8"}])
+def test_a_batched_svd_merge_gives_each_module_what_it_gets_alone(small_batches, kwargs):
+    a = mixed_modules()
+    b = mixed_modules(torch.float16)[::-1]  # other values, other storage, other order; matched by name
+    c = [rand_lora(40, 24, 4, seed=30 + n, name=f"m{n}", alpha=2.0) for n in (0, 1, 2)]  # rank 4: other batches
+    items = [(lora_of(*a), 0.7), (lora_of(*b), -1.2), (lora_of(*c), 0.5)]
+    out, report = merge(items, method="svd", lossy_rank=6, **kwargs)
+    assert [m.name for m in out.modules] == [m.name for m in a]
+    for got, row in zip(out.modules, report["modules"]):
+        alone_items = [(lora_of(*[m for m in lora.modules if m.name == got.name]), w) for lora, w in items]
+        alone, alone_report = merge([it for it in alone_items if it[0].modules], method="svd", lossy_rank=6, **kwargs)
+        want = alone.modules[0]
+        assert row == pytest.approx({**alone_report["modules"][0], "sources": row["sources"]}, rel=1e-6)
+        for role, ref in want.adapter.tensors.items():
+            x, y = got.adapter.t(role).torch().double(), ref.torch().double()
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()))
 
 
 def test_modules_in_only_some_inputs_are_merged_with_what_exists():

@@ -9,7 +9,7 @@ import torch
 
 import loratools
 from loratools.adapters import IA3, LoHa, LoKr, LoRA, Full, Norm
-from loratools.errors import UsageError
+from loratools.errors import FormatError, UsageError
 from loratools.families import FamilyResult
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.resize import resize
@@ -338,6 +338,63 @@ def test_real_layouts(tmp_path, layout, sample):
                 assert_optimal(before, after, 3)
         dyn, _ = resize(lora, dynamic="sv_fro:0.6", max_rank=6)
         assert {m.rank for m in dyn.modules} <= set(range(1, 7))
+
+
+def mixed_modules(dtype=torch.float32):
+    """Modules of one file as a batch sees them: shapes repeated and not, mixed ranks, linear and conv (1x1, 3x3,
+    1-D), rows or columns fewer than the rank, float64 beside half storage, a Tucker conv, a LoHa and a norm."""
+    specs = [(40, 24, 8, ()), (40, 24, 8, ()), (40, 24, 12, ()), (40, 24, 8, ()), (6, 5, 8, ()), (6, 5, 8, ()),
+             (32, 16, 12, (3, 3)), (32, 16, 12, (3, 3)), (24, 20, 8, (1, 1)), (20, 6, 16, (3,)), (40, 24, 8, ())]
+    mods = [rand_lora(o, i, r, kernel, dtype=dtype, seed=n, name=f"m{n}", alpha=r / 2)
+            for n, (o, i, r, kernel) in enumerate(specs)]
+    mods[3] = rand_lora(40, 24, 8, dtype=F64, seed=3, name="m3", alpha=4.0)  # same shape, float64: its own batch
+    mods[10].adapter.tensors["lora_up"] = MemorySource().add("u", mods[10].adapter.up.torch() * 1e-12)  # tiny
+    g = torch.Generator().manual_seed(40)
+    tucker = make_module(lora_up=torch.randn(16, 6, 1, 1, generator=g).to(dtype),
+                         lora_mid=torch.randn(6, 6, 3, 3, generator=g).to(dtype),
+                         lora_down=torch.randn(6, 10, 1, 1, generator=g).to(dtype), name="tucker", alpha=3.0)
+    norm = make_module(Norm, name="n", w_norm=torch.randn(8))
+    return mods[:5] + [tucker] + mods[5:8] + [loha(seed=5), norm] + mods[8:]
+
+
+@pytest.fixture(params=[1, 2], ids=["one worker", "two workers"])
+def small_batches(request, monkeypatch):
+    """Batches of one to three modules, run in turn or by a pool of two threads."""
+    import loratools.ops.batched as batched
+
+    monkeypatch.setitem(batched.BATCH_BYTES, "cpu", 4 << 10)
+    monkeypatch.setattr(batched, "_workers", lambda device: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("kwargs", [{"rank": 4}, {"dynamic": "sv_fro:0.7"}, {"dynamic": "sv_ratio:3", "max_rank": 5}])
+def test_a_batched_resize_gives_each_module_what_it_gets_alone(small_batches, kwargs):
+    mods = mixed_modules()
+    out, report = resize(lora_of(*mods), lossy_rank=6, **kwargs)
+    assert [m.name for m in out.modules] == [m.name for m in mods]
+    assert len({r["new_rank"] for r in report["modules"] if r["action"] == "truncated"}) > 1 or "rank" in kwargs
+    for m, got, row in zip(mods, out.modules, report["modules"]):
+        alone, alone_report = resize(lora_of(m), lossy_rank=6, **kwargs)
+        want, want_row = alone.modules[0], alone_report["modules"][0]
+        assert row == pytest.approx(want_row, rel=1e-6)
+        assert got.alpha == want.alpha and set(got.adapter.tensors) == set(want.adapter.tensors)
+        for role, ref in want.adapter.tensors.items():
+            a, b = got.adapter.t(role).torch(), ref.torch()
+            assert a.dtype == b.dtype and a.shape == b.shape
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-5, atol=1e-6 * float(b.double().abs().max()))
+        if row["action"] == "truncated" and m.adapter.up.dtype == "F64":
+            assert_optimal(m, got, row["new_rank"])
+
+
+def test_a_nan_in_a_batch_names_its_module(small_batches):
+    mods = mixed_modules()
+    for n in (7, 2):  # both plain LoRAs of batches; module 2 comes first in the file
+        up = mods[n].adapter.up.torch().clone()
+        up.view(-1)[5] = float("nan")
+        mods[n].adapter.tensors["lora_up"] = MemorySource().add("bad", up)
+    with pytest.raises(FormatError) as e:
+        resize(lora_of(*mods), rank=4, lossy_rank=6, allow_nonfinite=True)
+    assert str(e.value) == "in.safetensors: module m2: its values hold NaN or Inf, which have no SVD"
 
 
 @pytest.mark.gpu

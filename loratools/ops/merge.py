@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from loratools.errors import ShapeMismatch, UsageError
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.validate import check_writable
-from loratools.ops.lowrank import FactorSVD, check_rank, resolve_device, svd_of, truncation
-from loratools.ops.resize import (Factors, RankRule, check_modules, cpu_threads, is_vector, lora_module,
-                                  metadata_warnings, module_factors, output_lora, storage_dtype, summarize)
+from loratools.ops.batched import Job, factor_svds
+from loratools.ops.factors import (Factors, factor_job, is_vector, lora_module, module_factors, stored_factors,
+                                   wrap_module)
+from loratools.ops.lowrank import check_rank, resolve_device, svd_of, truncation
+from loratools.ops.resize import (RankRule, check_modules, cpu_threads, metadata_warnings, open_source, output_lora,
+                                  storage_dtype, summarize)
 
 METHODS = ("concat", "svd")
 
@@ -70,13 +73,25 @@ def merge(items: list[tuple[Lora, float]], *, method: str = "concat", rank: int 
     for lora, _ in items:
         check_writable(lora, allow_nonfinite)
         check_modules(lora, lossy_rank)
-    mem, modules, rows = MemorySource(), [], []
+    groups = list(_group(items, key or default_key).values())
+    mem, jobs, modules, rows = MemorySource(), [], [None] * len(groups), [None] * len(groups)
     with cpu_threads(dev):
-        for terms in _group(items, key or default_key).values():
-            with svd_of(terms[0].module.name, items[terms[0].index][0].path):
-                new, row = _merge_group(terms, rule, dev, lossy_rank, mem, out_dtype)
-            modules.append(new)
-            rows.append(row)
+        for g, terms in enumerate(groups):
+            path = items[terms[0].index][0].path
+            with svd_of(terms[0].module.name, path):
+                done = _merge_group(terms, rule, dev, lossy_rank, mem, out_dtype)
+            if isinstance(done, Job):  # an SVD to come, batched with the other modules of its shape
+                done.index, done.path, done.payload = len(jobs), path, (g, *done.payload)
+                jobs.append(done)
+            else:
+                modules[g], rows[g] = done
+        for lora, _ in items:
+            open_source(lora)
+        outs = factor_svds(jobs, lambda job, s: rule.select(s), _stored(out_dtype), dev)
+    for job, (k, up_t, down_t, retained, error) in zip(jobs, outs):
+        g, first, merged, row = job.payload
+        modules[g] = wrap_module(first, up_t, down_t, float(k), merged, mem, out_dtype)
+        rows[g] = {**row, "action": "svd", "rank": k, "retained": retained, "error": error}
     summary = summarize(rows, [m for lora, _ in items for m in lora.modules], modules)
     ranks = [r["rank"] for r in rows if r.get("rank") is not None]
     summary.update(partial=sum(1 for r in rows if len(r["sources"]) < len(items)),
@@ -125,7 +140,9 @@ def _label(m: Module) -> str:
     return f"{m.component}:{m.name}"
 
 
-def _merge_group(terms: list[Term], rule: RankRule | None, dev, lossy_rank, mem, out_dtype) -> tuple[Module, dict]:
+def _merge_group(terms: list[Term], rule: RankRule | None, dev, lossy_rank, mem, out_dtype):
+    """``(Module, row)`` of a group merged here (norm and bias deltas, concat), or the Job of its SVD (payload
+    ``(first module, merged Factors, row)``)."""
     import torch
 
     first = terms[0].module
@@ -138,25 +155,45 @@ def _merge_group(terms: list[Term], rule: RankRule | None, dev, lossy_rank, mem,
         other = next(t.module for t, v in zip(terms, vectors) if v != vectors[0])
         raise ShapeMismatch(f"{_label(first)}: cannot merge a {first.adapter.label} delta with a "
                             f"{other.adapter.label} delta")
-    factors = [module_factors(t.module, dev, lossy_rank) for t in terms]
+    if rule is None:
+        factors = [module_factors(t.module, dev, lossy_rank) for t in terms]
+    else:  # plain LoRA factors are read later, by the job, straight into its batch
+        parts = [factor_job(0, t.module, dev, lossy_rank) for t in terms]
+        factors = [f for f, _ in parts]
     shape, up_ndim = _fit(terms, factors)
-    cdt = torch.float64 if any(f.up.dtype == torch.float64 for f in factors) else torch.float32
-    up = torch.cat([(t.weight * f.scale) * f.up.to(cdt) for t, f in zip(terms, factors)], dim=1)
-    down = torch.cat([f.down.to(cdt) for f in factors], dim=0)
-    merged = Factors(up, down, 1.0, shape, up_ndim, factors[0].dtype, biases=_sum_biases(terms, factors))
-    row["ranks"] = [f.up.shape[1] for f in factors]
+    row["ranks"] = [f.rank for f in factors]
     lossy = [{"input": t.index, "type": t.module.adapter.label, "error": f.lossy_error}
              for t, f in zip(terms, factors) if f.lossy_error is not None]
     if lossy:
         row["lossy"] = lossy
+    rank = sum(f.rank for f in factors)
+    merged = Factors(None, None, 1.0, shape, up_ndim, factors[0].dtype, biases=_sum_biases(terms, factors), rank=rank)
     if rule is None:  # alpha = total rank: the merged scale is 1, each term already carries its own
-        new = lora_module(first, up, down, float(up.shape[1]), merged, mem, out_dtype)
-        return new, {**row, "action": "concat", "rank": up.shape[1], "retained": 1.0, "error": 0.0}
-    svd = FactorSVD(up, down)
-    k = rule.select(svd.s)
-    new = lora_module(first, *svd.top(k), float(k), merged, mem, out_dtype)
-    retained, error = truncation(svd.s, k)
-    return new, {**row, "action": "svd", "rank": k, "retained": retained, "error": error}
+        cdt = torch.float64 if any(f.up.dtype == torch.float64 for f in factors) else torch.float32
+        up = torch.cat([(t.weight * f.scale) * f.up.to(cdt) for t, f in zip(terms, factors)], dim=1)
+        down = torch.cat([f.down.to(cdt) for f in factors], dim=0)
+        new = lora_module(first, up, down, float(rank), merged, mem, out_dtype)
+        return new, {**row, "action": "concat", "rank": rank, "retained": 1.0, "error": 0.0}
+    jobs = [job for _, job in parts]
+
+    def fill(up, down):  # Σ wᵢ·sᵢ·Bᵢ·Aᵢ = [w₁s₁B₁ | w₂s₂B₂ | …] · [A₁; A₂; …]
+        at = 0
+        for t, f, job in zip(terms, factors, jobs):
+            cols = slice(at, at + f.rank)
+            job.fill(up[:, cols], down[cols])
+            up[:, cols] *= t.weight * f.scale
+            at += f.rank
+
+    cdt = torch.float64 if any(job.dtype == torch.float64 for job in jobs) else torch.float32
+    return Job(0, first.name, jobs[0].rows, rank, jobs[0].cols, cdt, fill, payload=(first, merged, row))
+
+
+def _stored(out_dtype):
+    def finish(job, s, k, up, down):
+        _, first, merged, _ = job.payload
+        return (k, *stored_factors(first.name, up, down, merged, out_dtype), *truncation(s, k))
+
+    return finish
 
 
 def _fit(terms: list[Term], factors: list[Factors]) -> tuple[tuple[int, ...], int]:

@@ -3,53 +3,31 @@
 A LoRA module ΔW = s·B·A is never formed densely: the SVD of B·A comes from QR of B and Aᵀ and an r×r
 SVD (ops/lowrank.py), the top k terms are kept (Eckart–Young: the optimal rank-k approximation), and
 the new factors B' = U√S, A' = √S·Vᵀ carry ΔW/s with alpha' = s·k (s·√k for rsLoRA), so the effective
-scale is unchanged. LoHa, LoKr and full-diff modules become LoRA through a dense SVD at ``lossy_rank``.
-
-The helpers here (reading a module as flat factors, writing factors back as a LoRA module) are shared
-with ops/merge.py.
+scale is unchanged. LoHa, LoKr and full-diff modules become LoRA through a dense SVD at ``lossy_rank``
+(ops/factors.py). Modules of one shape are decomposed together, in batches spread over the cores
+(ops/batched.py); each module's result is the one it would get alone.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from loratools.adapters import LoRA
-from loratools.errors import FormatError, UsageError
+from loratools.errors import UsageError
 from loratools.io.reader import DTYPE_SIZES
 from loratools.model import Lora, MemorySource, Module
-from loratools.ops.validate import check_writable
-from loratools.ops.lowrank import (FactorSVD, check_rank, compute_dtype, dense_svd, parse_dynamic, resolve_device,
-                                   select_rank, split_factors, svd, svd_of, truncation)
+from loratools.ops.batched import factor_svds
+from loratools.ops.factors import (BIAS_ROLES, LOSSY, Factors, copy_module, factor_job, is_vector, kron_svd,  # noqa: F401
+                                   lora_module, module_factors, stored_factors, wrap_module)
+from loratools.ops.lowrank import check_rank, parse_dynamic, resolve_device, select_rank, svd_of, truncation
 from loratools.ops.threads import small_matrix_threads
+from loratools.ops.validate import check_writable
 
-# Adapter kinds that become LoRA only through a dense, lossy SVD; the names users know them by.
-LOSSY = {"loha": "LoHa", "lokr": "LoKr", "full": "full-diff"}
-# Bias deltas a LoRA module may carry: PEFT's lora_B bias is scaled with the module, diff_b is not.
-BIAS_ROLES = ("lora_up_bias", "diff_b")
 _DTYPE_NAMES = {"fp16": "float16", "f16": "float16", "float16": "float16", "half": "float16",
                 "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "f32": "float32",
                 "float32": "float32", "float": "float32", "fp64": "float64", "f64": "float64", "float64": "float64"}
 # Embedded hashes describe the input's tensors; after resizing or merging they would be wrong.
 _STALE_METADATA = ("sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256")
-
-
-@dataclass
-class Factors:
-    """A module's ΔW/s as a flat product ``up @ down`` ([m, r] @ [r, n]) on the compute device."""
-
-    up: Any
-    down: Any
-    scale: float
-    shape: tuple[int, ...]  # the dense ΔW's shape: (out, in) or (out, in, *kernel)
-    up_ndim: int  # how many dims the stored up factor has (conv ups are [out, r, 1, 1])
-    dtype: Any  # the storage dtype the factors came in
-    rslora: bool = False
-    total: float | None = None  # ‖ΔW/s‖² when up @ down only approximates ΔW (a lossy conversion) ...
-    residual: float = 0.0  # ... and ‖ΔW/s − up @ down‖²
-    lossy_error: float | None = None  # relative error of that conversion
-    biases: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -106,134 +84,6 @@ def check_modules(lora: Lora, lossy_rank: int | None) -> None:
                              lora.path)
         if lossy_rank is None:
             raise UsageError(f"{LOSSY[kind]} modules need --lossy-rank N to become LoRA (a lossy SVD)", lora.path)
-
-
-def is_vector(m: Module) -> bool:
-    """A delta with no matrix to factor (norm weights, a bias-only or 1-D diff): carried, not resized."""
-    a = m.adapter
-    if a.kind == "norm":
-        return True
-    return a.kind == "full" and (not a.has("diff") or len(a.t("diff").shape) < 2)
-
-
-def module_factors(m: Module, device, lossy_rank: int | None = None) -> Factors:
-    """Read a matrix module as flat factors on ``device``; one host-to-device copy per tensor."""
-    a = m.adapter
-    if a.kind != "lora":
-        return _lossy_factors(m, device, lossy_rank)
-    a.check()
-    up_t, down_t = a.up.torch(), a.down.torch()
-    cdt = compute_dtype(up_t, down_t)
-    up, down = up_t.to(device, cdt).flatten(1), down_t.to(device, cdt)
-    if a.has("lora_mid"):
-        # Tucker: ΔW[o,i,k,l] = Σ up[o,m]·mid[m,n,k,l]·down[n,i]; folding mid into down gives plain conv
-        # factors of rank r_up exactly, with the kernel on down as everywhere else.
-        import torch
-
-        mid = a.t("lora_mid").torch().to(device, cdt)
-        down = torch.einsum("mnkl,ni->mikl", mid, down.flatten(1))
-    shape = (up.shape[0], *down.shape[1:])
-    biases = {r: a.t(r).torch() for r in BIAS_ROLES if a.has(r)}
-    return Factors(up, down.flatten(1), m.scale, shape, up_t.dim(), down_t.dtype, m.rslora, biases=biases)
-
-
-def _lossy_factors(m: Module, device, lossy_rank: int | None) -> Factors:
-    """LoHa / LoKr / full diff -> top-``lossy_rank`` factors of the dense ΔW (the only lossy step)."""
-    import torch
-
-    a = m.adapter
-    if lossy_rank is None:  # check_modules normally says so first
-        raise UsageError(f"{LOSSY.get(a.kind, a.kind)} modules need --lossy-rank N to become LoRA (a lossy SVD)")
-    first = next(iter(a.tensors.values())).torch()
-    if a.kind == "lokr":
-        w1, w2 = a.w1(), a.w2()
-        if w2.dim() == 2:  # ΔW = kron(w1, w2): its SVD comes from the factors' SVDs, exactly, without ΔW
-            cdt = compute_dtype(first)
-            u, s, vh, total, residual = kron_svd(w1.to(device, cdt), w2.to(device, cdt), lossy_rank)
-            up, down = split_factors(u, s, vh, s.shape[0])
-            shape = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
-            err = math.sqrt(residual / total) if total > 0 else 0.0
-            return Factors(up, down, m.scale, shape, 2, first.dtype, total=total, residual=residual,
-                           lossy_error=err)
-    dense = a.delta()
-    shape = tuple(dense.shape)
-    mat = dense.to(device, compute_dtype(first)).flatten(1)
-    del dense
-    u, s, vh = dense_svd(mat, lossy_rank)
-    up, down = split_factors(u, s, vh, min(lossy_rank, s.shape[0]))
-    # measured, not inferred from ‖ΔW‖² − Σσ²: that difference is rounding noise when the error is tiny
-    residual = float(torch.linalg.vector_norm(mat - up @ down))
-    total = float(torch.linalg.vector_norm(mat))
-    residual, total = residual * residual, total * total  # not ** 2: that raises beyond float64 (x * x is inf)
-    del mat
-    err = math.sqrt(residual / total) if total > 0 else 0.0
-    biases = {"diff_b": a.t("diff_b").torch()} if a.kind == "full" and a.has("diff_b") else {}
-    return Factors(up, down, m.scale, shape, len(shape) if len(shape) > 2 else 2, first.dtype,
-                   total=total, residual=residual, lossy_error=err, biases=biases)
-
-
-def kron_svd(w1, w2, k: int):
-    """Top-``k`` SVD terms of kron(w1, w2), plus ‖kron‖² and the squared error of the cut.
-
-    The singular triplets of a Kronecker product are the Kronecker products of its factors' triplets, so two
-    small SVDs replace one of the (out x in) product: exact, and the discarded terms give the error directly.
-    """
-    import torch
-
-    u1, s1, v1 = svd(w1)
-    u2, s2, v2 = svd(w2)
-    products = torch.outer(s1, s2).flatten()
-    top = torch.topk(products, min(k, products.numel())).indices  # largest first
-    i, j = top // s2.numel(), top % s2.numel()
-    u = (u1[:, i][:, None, :] * u2[:, j][None, :, :]).reshape(-1, top.numel())  # kron(u1[:, i], u2[:, j])
-    vh = (v1[i][:, :, None] * v2[j][:, None, :]).reshape(top.numel(), -1)  # kron(v1[i], v2[j])
-    squares = products.double() ** 2
-    total = float(squares.sum())
-    squares[top] = 0
-    return u, products[top], vh, total, float(squares.sum())
-
-
-def lora_module(template: Module, up, down, alpha: float, f: Factors, mem: MemorySource, dtype,
-                rslora: bool = False, biases: dict | None = None) -> Module:
-    """A LoRA module with the factors (flat, on the device) reshaped to the stored layout, named as ``template``."""
-    import torch
-
-    k = up.shape[1]
-    out = dtype or f.dtype
-
-    def stored(x, shape):  # a fresh row-major host tensor: QR outputs come column-major, even along unit dims
-        t = torch.empty(shape, dtype=out).copy_(x.reshape(shape))
-        if t.is_floating_point() and x.numel():
-            lo, hi = torch.aminmax(x)  # one pass: only a result that may leave the dtype's range gets the tests below
-            if -torch.finfo(out).max <= lo.item() and hi.item() <= torch.finfo(out).max:
-                return t
-        wide = t.float() if t.element_size() == 1 else t  # torch has no isfinite for float8
-        if not bool(torch.isfinite(wide).all()) and bool(torch.isfinite(x).all()):
-            raise FormatError(f"module {template.name}: the result lies beyond {str(out).removeprefix('torch.')}'s "
-                              "range (Inf); pass a wider --dtype")
-        return t
-
-    down_t = stored(down, (k, *f.shape[1:]))
-    up_t = stored(up, (f.shape[0], k, *([1] * (f.up_ndim - 2))))
-    key = f"{len(mem.keys())}:{template.component}.{template.name}"
-    tensors = {"lora_down": mem.add(key + ".lora_down", down_t), "lora_up": mem.add(key + ".lora_up", up_t)}
-    for role, t in (f.biases if biases is None else biases).items():
-        tensors[role] = mem.add(f"{key}.{role}", t.to(out) if dtype is not None else t)
-    return Module(name=template.name, component=template.component, adapter=LoRA(tensors), alpha=alpha,
-                  rslora=rslora, keys=[], target=template.target, part=template.part)
-
-
-def copy_module(m: Module, mem: MemorySource, dtype=None) -> Module:
-    """The module unchanged (same tensors, same alpha), its tensors moved into ``mem``."""
-    key = f"{len(mem.keys())}:{m.component}.{m.name}"
-    tensors = {}
-    for role, ref in m.adapter.tensors.items():
-        t = ref.torch()
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        tensors[role] = mem.add(f"{key}.{role}", t)
-    return Module(name=m.name, component=m.component, adapter=type(m.adapter)(tensors), alpha=m.alpha,
-                  rslora=m.rslora, keys=[], target=m.target, part=m.part)
 
 
 def output_lora(first: Lora, modules: list[Module], mem: MemorySource) -> Lora:
@@ -298,41 +148,68 @@ def resize(lora: Lora, *, rank: int | None = None, dynamic=None, max_rank: int |
     dev, out_dtype = resolve_device(device), storage_dtype(dtype)
     check_writable(lora, allow_nonfinite)
     check_modules(lora, lossy_rank)
-    mem, modules, rows = MemorySource(), [], []
+    mem, jobs = MemorySource(), []
+    modules: list = [None] * len(lora.modules)
+    rows: list = [None] * len(lora.modules)
     with cpu_threads(dev):
-        for m in lora.modules:
-            with svd_of(m.name, lora.path):
-                new, row = _resize_module(m, rule, dev, lossy_rank, mem, out_dtype)
-            modules.append(new)
-            rows.append(row)
+        for i, m in enumerate(lora.modules):
+            row = {"name": m.name, "component": m.component, "type": m.adapter.label, "old_rank": m.rank}
+            if is_vector(m):
+                modules[i] = copy_module(m, mem, out_dtype)
+                rows[i] = {**row, "action": "kept", "new_rank": None, "retained": 1.0, "error": 0.0}
+            elif m.adapter.kind == "lora" and rule.dynamic is None and m.rank <= _fixed_target(rule):
+                modules[i], rows[i] = _copied(m, mem, out_dtype, row)
+            else:
+                with svd_of(m.name, lora.path):  # a lossy conversion's dense SVD, here
+                    f, job = factor_job(len(jobs), m, dev, lossy_rank)
+                job.payload = (i, m, f, row)
+                jobs.append(job)
+        open_source(lora)
+        outs = factor_svds(jobs, _chooser(rule), _stored(out_dtype), dev, lora.path)
+    for job, out in zip(jobs, outs):
+        i, m, f, row = job.payload
+        if out is None:
+            modules[i], rows[i] = _copied(m, mem, out_dtype, row)
+            continue
+        k, up_t, down_t, retained, error = out
+        alpha = scale_alpha(f.scale, k, f.rslora)
+        modules[i] = wrap_module(m, up_t, down_t, alpha, f, mem, out_dtype, rslora=f.rslora)
+        rows[i] = {**row, "action": "lossy" if f.lossy_error is not None else "truncated", "new_rank": k,
+                   "alpha": alpha, "retained": retained, "error": error}
+        if f.lossy_error is not None:
+            rows[i]["lossy_error"] = f.lossy_error
     report = {"path": lora.path, "rule": {**rule.as_dict(), "lossy_rank": lossy_rank}, "device": str(dev),
               "modules": rows, "summary": summarize(rows, lora.modules, modules),
               "warnings": metadata_warnings(lora)}
     return output_lora(lora, modules, mem), report
 
 
-def _resize_module(m: Module, rule: RankRule, dev, lossy_rank, mem, out_dtype) -> tuple[Module, dict]:
-    row = {"name": m.name, "component": m.component, "type": m.adapter.label, "old_rank": m.rank}
-    if is_vector(m):
-        return copy_module(m, mem, out_dtype), {**row, "action": "kept", "new_rank": None, "retained": 1.0,
-                                                "error": 0.0}
-    if m.adapter.kind == "lora" and rule.dynamic is None and m.rank <= _fixed_target(rule):
-        return _copied(m, mem, out_dtype, row)
-    f = module_factors(m, dev, lossy_rank)
-    svd = FactorSVD(f.up, f.down)
-    s = svd.s
-    k = rule.select(s)
-    if f.lossy_error is None and k >= m.rank:
-        return _copied(m, mem, out_dtype, row)
-    up, down = svd.top(k)
-    alpha = scale_alpha(f.scale, k, f.rslora)
-    new = lora_module(m, up, down, alpha, f, mem, out_dtype, rslora=f.rslora)
-    retained, error = truncation(s, k, f.total, f.residual)
-    row.update(action="lossy" if f.lossy_error is not None else "truncated", new_rank=k, alpha=alpha,
-               retained=retained, error=error)
-    if f.lossy_error is not None:
-        row["lossy_error"] = f.lossy_error
-    return new, row
+def open_source(lora: Lora) -> None:
+    """Open the file's descriptor before workers read through it (each would open its own otherwise)."""
+    fileno = getattr(lora.source, "fileno", None)
+    if fileno is not None:
+        fileno()
+
+
+def _chooser(rule: RankRule):
+    def choose(job, s):
+        """k from the module's spectrum; None when nothing is cut (the module is then copied as it is)."""
+        _, m, f, _ = job.payload
+        k = rule.select(s)
+        return None if f.lossy_error is None and k >= m.rank else k
+
+    return choose
+
+
+def _stored(out_dtype):
+    def finish(job, s, k, up, down):
+        if k is None:
+            return None
+        _, m, f, _ = job.payload
+        up_t, down_t = stored_factors(m.name, up, down, f, out_dtype)
+        return (k, up_t, down_t, *truncation(s, k, f.total, f.residual))
+
+    return finish
 
 
 def _fixed_target(rule: RankRule) -> int:
