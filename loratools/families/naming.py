@@ -14,9 +14,13 @@ block index) and, for UNets, ``blocks`` (native block prefix -> diffusers prefix
 from __future__ import annotations
 
 from collections import defaultdict
+from functools import lru_cache
 from typing import Mapping, NamedTuple
 
 NATIVE, DIFFUSERS = "native", "diffusers"
+# How many names each table remembers the answer for (per lookup): a family's modules in its spellings, many
+# times over.
+REMEMBERED = 16384
 
 
 class Part(NamedTuple):
@@ -189,11 +193,15 @@ class NamingTable:
             enc = shared.by_id.get(eid)
             if enc is not None:
                 self._encoders[eid] = Templates([NameRule(p, (p,)) for p in enc.module_paths])
+        # both lookups are pure functions of the table (built above, never changed) and their answers are immutable;
+        # files of one collection ask for the same names again and again
+        self.resolve = lru_cache(maxsize=REMEMBERED)(self._resolve)
+        self.rule = lru_cache(maxsize=REMEMBERED)(self._rule)
 
     def _space(self, space: str) -> Templates | None:
         return self.model if space == "model" else self._encoders.get(space)
 
-    def resolve(self, space: str, name: str, flat: bool) -> Canon | None:
+    def _resolve(self, space: str, name: str, flat: bool) -> Canon | None:
         """The canonical identity of a module name (dotted, or kohya-flattened when ``flat``)."""
         templates = self._space(space)
         hit = templates.match(name, flat) if templates else None
@@ -202,7 +210,7 @@ class NamingTable:
         naming, part, rule, numbers = hit
         return Canon(space, _fill(rule.native, numbers), Part(part, rule.sizes) if part is not None else None, naming)
 
-    def rule(self, space: str, native: str) -> NameRule:
+    def _rule(self, space: str, native: str) -> NameRule:
         """The rule of a native path, with its block indices filled in."""
         if space != "model":
             return NameRule(native, (native,))
