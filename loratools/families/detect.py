@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 from typing import Mapping, Sequence
 
 from .engine import TIE, Context, Evaluation, text_encoder_stats
@@ -23,6 +24,8 @@ DECIDED = 0.5
 # Metadata keys whose values claim a family, in the order they are reported. Keys that only some family files
 # name are reported after these.
 CLAIM_KEYS = ("ss_base_model_version", "modelspec.architecture", "ss_sd_model_name", "ss_v2")
+# How many decisions are remembered: a collection holds few distinct layouts (names, shapes, claims).
+REMEMBERED = 32
 
 
 @dataclass(frozen=True)
@@ -136,14 +139,61 @@ def _alternatives(winner: Evaluation, others: list[Evaluation], tied: list[Evalu
     return out
 
 
+def _metadata_read(families: Mapping) -> tuple[str, ...]:
+    """The metadata keys detection reads: the claims, the families' own claim keys and their variants' keys."""
+    keys = dict.fromkeys(CLAIM_KEYS)
+    for f in families.values():
+        keys.update(dict.fromkeys(f.metadata))
+        for _, md, _ in f.variants:
+            keys.update(dict.fromkeys(md))
+    return tuple(keys)
+
+
+@lru_cache(maxsize=1)
+def _default_metadata_read() -> tuple[str, ...]:
+    from . import load_families
+
+    return _metadata_read(load_families())
+
+
 def detect_family(modules: Sequence[ModuleEvidence], metadata: Mapping[str, str] | None = None,
                   families: Mapping | None = None) -> FamilyResult:
     """Score every family against the modules (names and shapes) and return the decided one, or ``unknown`` with
-    the candidates."""
-    from . import encoders, load_families
+    the candidates.
 
-    families = families if families is not None else load_families()
-    metadata = dict(metadata or {})
+    The decision reads nothing but each module's (component, name, in_dim, out_dim) and the metadata keys the
+    families name: with the default families it is remembered under exactly those (files of one trainer
+    configuration repeat them), and every caller gets its own copy of the result."""
+    from . import load_families
+
+    metadata = metadata or {}
+    if families is not None:
+        return _detect(modules, {k: metadata[k] for k in _metadata_read(families) if k in metadata}, families)
+    evidence = tuple((m.component, m.name, m.in_dim, m.out_dim) for m in modules)
+    claims = tuple((k, metadata[k]) for k in _default_metadata_read() if k in metadata)
+    try:
+        hash((evidence, claims))
+    except TypeError:  # a value that cannot be a key: decided without remembering
+        return _detect([ModuleEvidence(*e) for e in evidence], dict(claims), load_families())
+    return _copy(_remembered(evidence, claims))
+
+
+@lru_cache(maxsize=REMEMBERED)
+def _remembered(evidence: tuple[tuple, ...], claims: tuple[tuple[str, str], ...]) -> FamilyResult:
+    from . import load_families
+
+    return _detect([ModuleEvidence(*e) for e in evidence], dict(claims), load_families())
+
+
+def _copy(result: FamilyResult) -> FamilyResult:
+    """A copy whose lists and the dicts in them are new (the rest of a result is immutable)."""
+    return replace(result, **{f.name: [dict(x) if isinstance(x, dict) else x for x in value]
+                              for f in fields(result) if isinstance(value := getattr(result, f.name), list)})
+
+
+def _detect(modules: Sequence, metadata: dict, families: Mapping) -> FamilyResult:
+    from . import encoders
+
     ctx = Context(modules)
     claims = _claims(metadata, families)
     if not ctx.model and not ctx.te:
