@@ -2,14 +2,18 @@
 
 Reading groups a file's keys by module stem (``keys.parse_key``: the adapters' suffixes and the codecs' own
 spellings; ``keys.split_stem``: the codecs' prefixes), lets each adapter type claim its roles, names the file's
-format by the codec that explains most of its modules, and reports every key nobody claimed.
+format by the codec that explains most of its modules, and reports every key nobody claimed. The grouping and the
+format depend on the key names alone and are remembered per list of keys (files of one trainer configuration
+share it); the tensors are bound to the stems afresh for every file.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import NamedTuple
 
 from loratools.adapters import MODIFIER_ROLES, Replace, registry
 from loratools.errors import FormatError, ShapeMismatch, UsageError
@@ -25,6 +29,8 @@ FORMAT_IDS = tuple(c.id for c in codecs())
 TARGETS = targets()
 _EMBEDDING_PREFIXES = ("bundle_emb.",)
 _MALFORMED_SUFFIX = re.compile(r"_lora_(down|up)\.weight$|_lora_[AB]\.weight$")
+# How many key layouts are remembered: a collection holds few distinct ones.
+REMEMBERED = 32
 
 
 def codec_for(fmt: str) -> Codec:
@@ -49,15 +55,24 @@ class ReadResult:
     rejected: list[str] = field(default_factory=list)  # modules whose tensors do not fit together
 
 
-def read_modules(tensors: dict[str, TensorRef], metadata: dict[str, str], path: str,
-                 config: AdapterConfig | None = None) -> ReadResult:
-    """Turn a file's tensors into canonical modules; raise FormatError if none is an adapter."""
+class _Layout(NamedTuple):
+    """What a file's key names alone say: its format, its module stems (component, name, naming, (role, key)
+    pairs, suffix spellings, duplicate keys) and its embedding keys."""
+
+    format: str
+    stems: tuple[tuple[str, str, str, tuple, tuple, tuple], ...]
+    embeddings: tuple[str, ...]
+
+
+@lru_cache(maxsize=REMEMBERED)
+def _layout(keys: tuple[str, ...], embeds: frozenset[str]) -> _Layout:
+    """Grouping and format detection, from the key names alone (the stems' roles hold keys, not tensors): files of
+    one trainer configuration share them."""
     stems: dict[str, Stem] = {}
-    extras: dict[str, list[str]] = defaultdict(list)
-    embeds = {k for k, v in metadata.items() if v == "<embed>"}  # cloneofsimo PTI tokens
-    for key, ref in tensors.items():
+    embeddings = []
+    for key in keys:
         if key.startswith(_EMBEDDING_PREFIXES) or key in embeds:
-            extras["embeddings"].append(key)
+            embeddings.append(key)
             continue
         kp = parse_key(key)
         st = stems.get(kp.stem)
@@ -67,15 +82,31 @@ def read_modules(tensors: dict[str, TensorRef], metadata: dict[str, str], path: 
         if kp.role in st.roles:
             st.duplicates.append(key)
             continue
-        st.roles[kp.role] = ref
-        st.keys[kp.role] = key
+        st.roles[kp.role] = key
         st.spellings[kp.spelling] = st.spellings.get(kp.spelling, 0) + 1
-
     fmt = decide_format(list(stems.values()))
+    return _Layout(fmt, tuple((st.component, st.name, st.naming, tuple(st.roles.items()), tuple(st.spellings.items()),
+                               tuple(st.duplicates)) for st in stems.values()), tuple(embeddings))
+
+
+def read_modules(tensors: dict[str, TensorRef], metadata: dict[str, str], path: str,
+                 config: AdapterConfig | None = None) -> ReadResult:
+    """Turn a file's tensors into canonical modules; raise FormatError if none is an adapter."""
+    embeds = frozenset(k for k, v in metadata.items() if v == "<embed>")  # cloneofsimo PTI tokens
+    layout = _layout(tuple(tensors), embeds)
+    fmt = layout.format
     if config is None and any(c.id == fmt and c.module_metadata for c in codecs()):
         config = AdapterConfig.from_metadata(metadata)
-    result = ReadResult(fmt, [], extras=dict(extras))
-    for st in stems.values():
+    stems = []
+    for component, name, naming, roles, spellings, duplicates in layout.stems:
+        st = Stem(component, name, naming)
+        stems.append(st)
+        st.keys = dict(roles)
+        st.roles = {role: tensors[key] for role, key in roles}
+        st.spellings = dict(spellings)
+        st.duplicates = list(duplicates)
+    result = ReadResult(fmt, [], extras={"embeddings": list(layout.embeddings)} if layout.embeddings else {})
+    for st in stems:
         _read_stem(st, fmt, config, result)
     if not result.modules:
         raise FormatError(_not_a_lora(tensors, result.rejected), path)
@@ -131,14 +162,14 @@ def _read_stem(st: Stem, fmt: str, config: AdapterConfig | None, result: ReadRes
     result.unknown_keys.extend(st.keys.values())
 
 
-def _check_mixture(stems: dict[str, Stem], result: ReadResult) -> None:
+def _check_mixture(stems: list[Stem], result: ReadResult) -> None:
     # kohya and OneTrainer are both flattened namings; OneTrainer files use both prefixes.
     namings = Counter("kohya" if st.naming == "onetrainer" else st.naming
-                      for st in stems.values() if st.naming != "plain" and st.spellings)
+                      for st in stems if st.naming != "plain" and st.spellings)
     if len(namings) > 1:
         parts = ", ".join(f"{n} {c}" for n, c in namings.most_common())
         result.warnings.append(f"keys mix naming schemes ({parts})")
-    mixed = [st.name for st in stems.values() if st.naming == "kohya" and "." in st.name]
+    mixed = [st.name for st in stems if st.naming == "kohya" and "." in st.name]
     if mixed:
         result.warnings.append(
             f"{len(mixed)} kohya keys mix '_' and '.' in the module path (e.g. lora_unet_{mixed[0]})")
