@@ -397,6 +397,42 @@ def test_a_nan_in_a_batch_names_its_module(small_batches):
     assert str(e.value) == "in.safetensors: module m2: its values hold NaN or Inf, which have no SVD"
 
 
+@pytest.mark.parametrize("bad", [("m2", "lora_up"), ("m7", "lora_down"), ("tucker", "lora_mid"), ("m0", "lora_up_bias"),
+                                 ("m1", None)])
+def test_nan_without_allow_nonfinite_is_refused_as_every_writer_refuses_it(small_batches, bad):
+    """The batches test the factors they decompose (no second pass over them); whatever else holds a NaN is tested
+    before: the refusal is check_writable's either way, naming every such module."""
+    name, role = bad
+    mods = mixed_modules()
+    m = next(m for m in mods if m.name == name)
+    if role is None:  # an alpha
+        m.alpha = float("inf")
+        role, why = "alpha", "alpha inf"
+    else:
+        t = m.adapter.t(role).torch().clone() if m.adapter.has(role) else torch.zeros(m.adapter.up.shape[0])
+        t.view(-1)[3] = float("nan")
+        m.adapter.tensors[role] = MemorySource().add("bad", t)
+        why = f"NaN/Inf in {role}"
+    want = (f"in.safetensors: 1 module holds NaN or Inf: {name} ({why}); "
+            "--allow-nonfinite writes them unchanged")
+    refused(mods, want)
+    ten = next(m for m in mods if m.name == "m10")  # and an Inf in a module of a batch
+    ten.adapter.tensors["lora_down"] = MemorySource().add("inf", ten.adapter.down.torch() * float("inf"))
+    refused(mods, f"in.safetensors: 2 modules hold NaN or Inf: {name} ({why}), m10 (NaN/Inf in lora_down); "
+                  "--allow-nonfinite writes them unchanged")
+
+
+def refused(mods, message):
+    from loratools.ops.merge import merge
+
+    with pytest.raises(FormatError) as e:
+        resize(lora_of(*mods), rank=4, lossy_rank=6)
+    assert str(e.value) == message
+    with pytest.raises(FormatError) as e:
+        merge([(lora_of(*mixed_modules()), 1.0), (lora_of(*mods), 0.5)], method="svd", rank=4, lossy_rank=6)
+    assert str(e.value) == message
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():

@@ -39,6 +39,7 @@ class Job:
     fill: Callable[[Any, Any], None]  # fill(up_slot, down_slot) writes the module's factors into the slots
     payload: Any = None  # what the caller needs again in ``choose`` and ``finish``
     path: Any = None  # the file a refusal names (else the one given to factor_svds)
+    modules: tuple = ()  # the modules whose factors it reads
 
 
 class _Failed(Exception):

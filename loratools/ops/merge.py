@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from loratools.errors import ShapeMismatch, UsageError
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.validate import check_writable
-from loratools.ops.batched import Job, factor_svds
+from loratools.ops.batched import Job
 from loratools.ops.factors import (Factors, factor_job, is_vector, lora_module, module_factors, stored_factors,
                                    wrap_module)
 from loratools.ops.lowrank import check_rank, resolve_device, svd_of, truncation
-from loratools.ops.resize import (RankRule, check_modules, cpu_threads, metadata_warnings, open_source, output_lora,
-                                  storage_dtype, summarize)
+from loratools.ops.resize import (RankRule, check_before_svds, check_modules, checked_svds, cpu_threads, metadata_warnings,
+                                  nonfinite_reported, output_lora, storage_dtype, summarize)
 
 METHODS = ("concat", "svd")
 
@@ -71,23 +71,28 @@ def merge(items: list[tuple[Lora, float]], *, method: str = "concat", rank: int 
     dev, out_dtype = resolve_device(device), storage_dtype(dtype)
     _check_families(items, allow_mixed_families)
     for lora, _ in items:
-        check_writable(lora, allow_nonfinite)
+        if method == "svd":
+            check_before_svds(lora, allow_nonfinite)
+        else:
+            check_writable(lora, allow_nonfinite)
         check_modules(lora, lossy_rank)
     groups = list(_group(items, key or default_key).values())
     mem, jobs, modules, rows = MemorySource(), [], [None] * len(groups), [None] * len(groups)
-    with cpu_threads(dev):
+    loras = [lora for lora, _ in items]
+    with cpu_threads(dev), nonfinite_reported(loras, allow_nonfinite or method != "svd"):
         for g, terms in enumerate(groups):
             path = items[terms[0].index][0].path
             with svd_of(terms[0].module.name, path):
                 done = _merge_group(terms, rule, dev, lossy_rank, mem, out_dtype)
             if isinstance(done, Job):  # an SVD to come, batched with the other modules of its shape
                 done.index, done.path, done.payload = len(jobs), path, (g, *done.payload)
+                done.modules = tuple(t.module for t in terms)
                 jobs.append(done)
             else:
                 modules[g], rows[g] = done
-        for lora, _ in items:
-            open_source(lora)
-        outs = factor_svds(jobs, lambda job, s: rule.select(s), _stored(out_dtype), dev)
+        # concat's factors were tested by check_writable
+        outs = checked_svds(loras, jobs, lambda job, s: rule.select(s), _stored(out_dtype), dev,
+                            allow_nonfinite or method != "svd")
     for job, (k, up_t, down_t, retained, error) in zip(jobs, outs):
         g, first, merged, row = job.payload
         modules[g] = wrap_module(first, up_t, down_t, float(k), merged, mem, out_dtype)

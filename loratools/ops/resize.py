@@ -10,18 +10,19 @@ scale is unchanged. LoHa, LoKr and full-diff modules become LoRA through a dense
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
-from loratools.errors import UsageError
+from loratools.errors import FormatError, UsageError
 from loratools.io.reader import DTYPE_SIZES
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.batched import factor_svds
 from loratools.ops.factors import (BIAS_ROLES, LOSSY, Factors, copy_module, factor_job, is_vector, kron_svd,  # noqa: F401
                                    lora_module, module_factors, stored_factors, wrap_module)
-from loratools.ops.lowrank import check_rank, parse_dynamic, resolve_device, select_rank, svd_of, truncation
+from loratools.ops.lowrank import NoSVD, check_rank, parse_dynamic, resolve_device, select_rank, svd_of, truncation
 from loratools.ops.threads import small_matrix_threads
-from loratools.ops.validate import check_writable
+from loratools.ops.validate import _Bits, check_writable, nonfinite
 
 _DTYPE_NAMES = {"fp16": "float16", "f16": "float16", "float16": "float16", "half": "float16",
                 "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "f32": "float32",
@@ -146,12 +147,12 @@ def resize(lora: Lora, *, rank: int | None = None, dynamic=None, max_rank: int |
     rule = RankRule.make(rank, dynamic, max_rank)
     lossy_rank = check_rank(lossy_rank, "lossy_rank")
     dev, out_dtype = resolve_device(device), storage_dtype(dtype)
-    check_writable(lora, allow_nonfinite)
+    check_before_svds(lora, allow_nonfinite)
     check_modules(lora, lossy_rank)
     mem, jobs = MemorySource(), []
     modules: list = [None] * len(lora.modules)
     rows: list = [None] * len(lora.modules)
-    with cpu_threads(dev):
+    with cpu_threads(dev), nonfinite_reported([lora], allow_nonfinite):
         for i, m in enumerate(lora.modules):
             row = {"name": m.name, "component": m.component, "type": m.adapter.label, "old_rank": m.rank}
             if is_vector(m):
@@ -162,10 +163,9 @@ def resize(lora: Lora, *, rank: int | None = None, dynamic=None, max_rank: int |
             else:
                 with svd_of(m.name, lora.path):  # a lossy conversion's dense SVD, here
                     f, job = factor_job(len(jobs), m, dev, lossy_rank)
-                job.payload = (i, m, f, row)
+                job.payload, job.modules = (i, m, f, row), (m,)
                 jobs.append(job)
-        open_source(lora)
-        outs = factor_svds(jobs, _chooser(rule), _stored(out_dtype), dev, lora.path)
+        outs = checked_svds([lora], jobs, _chooser(rule), _stored(out_dtype), dev, allow_nonfinite, lora.path)
     for job, out in zip(jobs, outs):
         i, m, f, row = job.payload
         if out is None:
@@ -184,11 +184,48 @@ def resize(lora: Lora, *, rank: int | None = None, dynamic=None, max_rank: int |
     return output_lora(lora, modules, mem), report
 
 
-def open_source(lora: Lora) -> None:
-    """Open the file's descriptor before workers read through it (each would open its own otherwise)."""
-    fileno = getattr(lora.source, "fileno", None)
-    if fileno is not None:
-        fileno()
+def check_before_svds(lora: Lora, allow_nonfinite: bool) -> None:
+    """check_writable without the factors' NaN/Inf test, which comes with their SVD (checked_svds); a refusal is
+    the whole check's, naming every module."""
+    try:
+        check_writable(lora, allow_nonfinite, tensors=False)
+    except FormatError:
+        check_writable(lora, allow_nonfinite)
+        raise
+
+
+def checked_svds(loras: list[Lora], jobs: list, choose, finish, dev, allow_nonfinite: bool, path=None) -> list:
+    """``ops.batched.factor_svds`` after the NaN/Inf test that ``check_writable(tensors=False)`` left out, done in
+    one pass: the batches test the factors they decompose (from the min and max they take anyway), and this tests
+    every other tensor. Run it within :func:`nonfinite_reported`."""
+    if not allow_nonfinite:
+        batched, bits = {id(m) for job in jobs for m in job.modules}, _Bits()
+        for lora in loras:
+            for m in lora.modules:
+                if id(m) not in batched:
+                    bad = nonfinite(m, bits) is not None
+                else:
+                    bad = any(not bits.finite(m.adapter.t(r)) for r in BIAS_ROLES if m.adapter.has(r))
+                if bad:
+                    check_writable(lora)
+    for lora in loras:  # the descriptor workers read through, opened once here
+        fileno = getattr(lora.source, "fileno", None)
+        if fileno is not None:
+            fileno()
+    return factor_svds(jobs, choose, finish, dev, path)
+
+
+@contextlib.contextmanager
+def nonfinite_reported(loras: list[Lora], allow_nonfinite: bool):
+    """A NaN or Inf that an SVD met is reported as check_writable reports it (one line naming every such module),
+    unless ``allow_nonfinite``: then the NoSVD names its module (an SVD of them is not defined)."""
+    try:
+        yield
+    except NoSVD as e:
+        if not allow_nonfinite and "NaN or Inf" in e.message:
+            for lora in loras:
+                check_writable(lora)
+        raise
 
 
 def _chooser(rule: RankRule):
