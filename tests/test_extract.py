@@ -99,6 +99,55 @@ def test_sdxl_convs_and_text_encoders_are_opt_in(tmp_path):
         assert torch.allclose(again[k], tuned[k], atol=1e-5), k
 
 
+def test_a_batched_extract_gives_each_module_what_it_gets_alone(tmp_path, monkeypatch):
+    """ΔW of one shape are stacked into batches that run on a pool of threads; the output is the one of a run that
+    decomposes each ΔW alone, in the checkpoint's order, whatever the batches and the workers."""
+    import loratools.ops.batched as batched
+    import loratools.ops.extract as extract
+
+    spec = {**{f"double_blocks.{i}.img_attn.qkv.weight": (3 * H, H) for i in range(4)},
+            **{f"double_blocks.{i}.img_mlp.0.weight": (4 * H, H) for i in range(3)}, "img_in.weight": (H, 16)}
+    base = write_base(tmp_path / "base.safetensors", spec, dtype=torch.float16)
+    tuned_copy(base, tmp_path / "tuned.safetensors", {k: _delta(shape, seed=i) for i, (k, shape) in enumerate(spec.items())})
+    runs = {}
+    for label, budget, workers in (("alone", 1, 1), ("batched", 1 << 20, 2), ("batched, one worker", 1 << 20, 1)):
+        monkeypatch.setitem(extract.BATCH_BYTES, "cpu", budget)
+        monkeypatch.setattr(batched, "worker_count", lambda device, n=workers: n)
+        for rule in ({"rank": 5}, {"dynamic": "sv_fro:0.5", "rank": 12}):
+            out = tmp_path / f"{label}.{len(rule)}.safetensors"
+            r = loratools.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", out, family="flux1",
+                                  **rule)
+            runs[label, len(rule)] = (r.modules, load(out))
+    for rule in (1, 2):
+        modules, tensors = runs["alone", rule]
+        assert [m["key"] for m in modules] == list(spec)  # the checkpoint's order
+        assert len({m["rank"] for m in modules}) > 1 or rule == 1
+        for label in ("batched", "batched, one worker"):
+            got_modules, got = runs[label, rule]
+            assert got_modules == modules
+            for k, t in tensors.items():
+                assert got[k].dtype == t.dtype == (torch.float32 if k.endswith(".alpha") else torch.float16)
+                torch.testing.assert_close(got[k].float(), t.float(), rtol=2e-3, atol=1e-5)
+
+
+def test_a_nan_in_a_batch_names_its_weight(tmp_path, monkeypatch):
+    import loratools.ops.batched as batched
+
+    monkeypatch.setattr(batched, "worker_count", lambda device: 2)
+    spec = {f"double_blocks.{i}.img_attn.qkv.weight": (3 * H, H) for i in range(4)}
+    base = write_base(tmp_path / "base.safetensors", spec, dtype=torch.float32)
+    bad = _delta((3 * H, H), seed=1)
+    bad[3, 4] = float("nan")
+    tuned_copy(base, tmp_path / "tuned.safetensors", {**{k: _delta((3 * H, H), seed=i) for i, k in enumerate(spec)},
+                                                      "double_blocks.2.img_attn.qkv.weight": bad})
+    with pytest.raises(LoraToolsError) as e:
+        loratools.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "x.safetensors",
+                          rank=4, family="flux1")
+    assert str(e.value) == (f"{tmp_path / 'tuned.safetensors'}: module double_blocks.2.img_attn.qkv.weight: its values "
+                            "hold NaN or Inf, which have no SVD")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_errors(tmp_path):
     write_base(tmp_path / "base.safetensors", FLUX, dtype=torch.float32)
     with pytest.raises(UsageError, match="give --rank N or --dynamic METHOD:VALUE"):

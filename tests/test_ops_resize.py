@@ -363,7 +363,7 @@ def small_batches(request, monkeypatch):
     import loratools.ops.batched as batched
 
     monkeypatch.setitem(batched.BATCH_BYTES, "cpu", 4 << 10)
-    monkeypatch.setattr(batched, "_workers", lambda device: request.param)
+    monkeypatch.setattr(batched, "worker_count", lambda device: request.param)
     return request.param
 
 

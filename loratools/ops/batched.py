@@ -61,7 +61,7 @@ def factor_svds(jobs: list[Job], choose: Callable, finish: Callable, device, pat
     results: list = [None] * len(jobs)
     chunks = _chunks(jobs, BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"]))
     run = lambda chunk: _run_chunk(chunk, choose, finish, device)  # noqa: E731
-    workers = min(len(chunks), _workers(device))
+    workers = min(len(chunks), worker_count(device))
     done = _in_turn(chunks, run) if workers <= 1 else _parallel(chunks, run, workers)
     if isinstance(done, _Failed):
         if isinstance(done.error, NoSVD):
@@ -107,7 +107,7 @@ def _parallel(chunks, run, workers: int):
     return min(errors, key=lambda e: e.job.index)
 
 
-def _workers(device) -> int:
+def worker_count(device) -> int:
     if device.type != "cpu":
         return 1  # one device: batches queue on it anyway
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

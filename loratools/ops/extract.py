@@ -9,6 +9,7 @@ through the convert writers, so every output format (and fused-weight splitting)
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,56 +81,73 @@ def _model_canon(family: Family, stem: str):
     return None
 
 
-def _factor(diff, spec: Spec, device):
-    """(up, down, kept rank, retained energy) of one ΔW, or None when a k×k conv has no conv rank."""
+# ΔW bytes (float32) per batch of one shape, and held back waiting for their batch in all: with two batches in
+# the workers and one being read, memory stays at a few hundred MB whatever the checkpoints' size.
+BATCH_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+HELD_BYTES = 128 << 20
+
+
+@dataclass
+class _Change:
+    order: int  # the weight's place among the candidates: the output keeps the checkpoint's order
+    key: str
+    canon: object
+    diff: object  # ΔW, float32 on the host
+    dtype: object  # the storage dtype of the factors (the base weight's, float32 for others)
+
+
+def _factor_batch(batch: list[_Change], spec: Spec, device, path) -> list[tuple]:
+    """(change, up, down, kept rank, retained energy) of each ΔW of a batch of one shape, the factors on the host
+    in their storage dtype."""
     import torch
 
-    from loratools.ops.lowrank import dense_svd, select_rank, split_factors, truncation
+    from loratools.ops.lowrank import NoSVD, select_rank, split_factors, truncation
+    from loratools.ops.randomized import top_svd
 
-    conv = diff.dim() == 4 and diff.shape[2:] != (1, 1)
-    rank = spec.conv_rank if conv else spec.rank
-    if conv and rank is None:
-        return None
-    mat = diff.to(device, torch.float32).flatten(1)
-    side = min(mat.shape)
-    want = None if spec.dynamic else min(rank, side)
-    u, s, vh = dense_svd(mat, want)
-    k = select_rank(s, rank=want, dynamic=spec.dynamic, max_rank=rank)
-    retained, _ = truncation(s, k, total=float(mat.double().pow(2).sum()))
-    up, down = split_factors(u, s, vh, k)
-    if diff.dim() == 4:  # LoCon: A carries the kernel, B is 1×1
-        down = down.reshape(k, *diff.shape[1:])
-        up = up.reshape(up.shape[0], k, 1, 1)
-    return up.cpu(), down.cpu(), k, retained
+    shape = batch[0].diff.shape
+    rank = spec.conv_rank if len(shape) == 4 and shape[2:] != (1, 1) else spec.rank
+    mats = torch.stack([c.diff.reshape(shape[0], -1) for c in batch]).to(device, torch.float32)
+    want = None if spec.dynamic else min(rank, *mats.shape[1:])
+    try:
+        u, s, vh = top_svd(mats, want)
+    except NoSVD as e:  # a NaN or Inf in either checkpoint
+        raise NoSVD(f"module {batch[e.index].key}: {e.message}", path) from None
+    norms = torch.linalg.vector_norm(mats.flatten(1), dim=1).double().cpu().tolist()
+    out = []
+    for i, change in enumerate(batch):
+        total = norms[i] * norms[i] if math.isfinite(norms[i]) else float(mats[i].double().pow(2).sum())
+        values = s[i].double().cpu().tolist()
+        k = select_rank(values, rank=want, dynamic=spec.dynamic, max_rank=rank)
+        retained, _ = truncation(values, k, total=total)
+        up, down = split_factors(u[i], s[i], vh[i], k)
+        if len(shape) == 4:  # LoCon: A carries the kernel, B is 1×1
+            down, up = down.reshape(k, *shape[1:]), up.reshape(up.shape[0], k, 1, 1)
+        # row-major host tensors in the storage dtype (SVD factors come column-major)
+        up, down = (torch.empty(x.shape, dtype=change.dtype).copy_(x) for x in (up, down))
+        out.append((change, up, down, k, retained))
+    return out
 
 
-def _module(canon, key: str, up, down, mem: MemorySource, dtype) -> Module:
+def _module(canon, key: str, up, down, mem: MemorySource) -> Module:
     from loratools.adapters.lora import LoRA
 
-    import torch
-
-    def dense(x):  # row-major strides even along unit dims (SVD factors come column-major)
-        return torch.empty(x.shape, dtype=dtype).copy_(x)
-
-    adapter = LoRA({"lora_up": mem.add(key + ".up", dense(up)), "lora_down": mem.add(key + ".down", dense(down))})
+    adapter = LoRA({"lora_up": mem.add(key + ".up", up), "lora_down": mem.add(key + ".down", down)})
     return Module(canon.native, "model" if canon.space == "model" else canon.space, adapter, alpha=float(up.shape[1]))
 
 
-def extract_pairs(base: Base, tuned: Base, family: Family, spec: Spec, device, result: ExtractResult):
-    """[(Module, Canon)] for every changed weight, computed pair by pair."""
+def _changes(base: Base, tuned: Base, family: Family, spec: Spec, result: ExtractResult):
+    """Every changed weight the tables know, as a _Change, read pair by pair in the checkpoints' order."""
     import torch
 
-    from loratools.ops.lowrank import svd_of
-
-    pairs, mem = [], MemorySource()
-    for key, canon, rows, transposed in candidates(base, family, spec.text_encoders):
+    for order, (key, canon, rows, transposed) in enumerate(candidates(base, family, spec.text_encoders)):
         if key not in tuned.keys:
             result.skipped.append(f"{key} (not in the tuned checkpoint)")
             continue
         if base.shape(key) != tuned.shape(key):
             raise ShapeMismatch(f"{key} is {list(base.shape(key))} in the base but {list(tuned.shape(key))} in the "
                                 "tuned checkpoint (different families or variants?)", tuned.path)
-        if len(base.shape(key)) < 2:
+        shape = base.shape(key)
+        if len(shape) < 2:
             continue
         fb, nb = base.keys[key]
         ft, nt = tuned.keys[key]
@@ -142,15 +160,51 @@ def extract_pairs(base: Base, tuned: Base, family: Family, spec: Spec, device, r
         if not torch.any(diff):
             result.unchanged += 1
             continue
-        with svd_of(key, tuned.path):  # a NaN or Inf in either checkpoint
-            got = _factor(diff, spec, device)
-        if got is None:
+        if diff.dim() == 4 and diff.shape[2:] != (1, 1) and spec.conv_rank is None:
             result.skipped.append(f"{key} (a {'x'.join(map(str, diff.shape[2:]))} conv: pass --conv-rank)")
             continue
-        up, down, k, retained = got
         dtype = w0.dtype if w0.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-        pairs.append((_module(canon, key, up, down, mem, dtype), canon))
-        result.modules.append({"key": key, "rank": k, "retained_energy": round(retained, 6)})
+        yield _Change(order, key, canon, diff, dtype)
+
+
+def extract_pairs(base: Base, tuned: Base, family: Family, spec: Spec, device, result: ExtractResult):
+    """[(Module, Canon)] for every changed weight. This thread reads the pairs and forms each ΔW; ΔW of one shape
+    are stacked into batches that the workers (ops/batched.py: a thread per core, one intra-op thread each)
+    decompose meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from loratools.ops.batched import worker_count
+    from loratools.ops.resize import cpu_threads
+
+    budget = BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
+    workers = worker_count(device)
+    groups: dict[tuple, list[_Change]] = {}
+    held, running, done = 0, [], []
+    with cpu_threads(device), ThreadPoolExecutor(workers) as pool:
+        def submit(shape):
+            nonlocal held
+            batch = groups.pop(shape)
+            held -= sum(c.diff.nelement() * 4 for c in batch)
+            running.append(pool.submit(_factor_batch, batch, spec, device, tuned.path))
+            while len(running) > workers:  # one batch waits while the others run: reading never gets far ahead
+                done.extend(running.pop(0).result())
+
+        for change in _changes(base, tuned, family, spec, result):
+            shape = tuple(change.diff.shape)
+            groups.setdefault(shape, []).append(change)
+            held += change.diff.nelement() * 4
+            if sum(c.diff.nelement() * 4 for c in groups[shape]) >= budget:
+                submit(shape)
+            while held > HELD_BYTES:
+                submit(max(groups, key=lambda sh: sum(c.diff.nelement() for c in groups[sh])))
+        for shape in list(groups):
+            submit(shape)
+        for future in running:
+            done.extend(future.result())
+    mem, pairs = MemorySource(), []
+    for change, up, down, k, retained in sorted(done, key=lambda d: d[0].order):
+        pairs.append((_module(change.canon, change.key, up, down, mem), change.canon))
+        result.modules.append({"key": change.key, "rank": k, "retained_energy": round(retained, 6)})
     return pairs
 
 

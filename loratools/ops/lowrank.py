@@ -21,11 +21,6 @@ DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
 # step of the sum (that would keep one more singular value than the definition says).
 _SLACK = 1e-12
 
-# Randomised SVD pays off only for large matrices and a small target; below this side it is slower.
-_RANDOMISED_MIN_SIDE = 1024
-_OVERSAMPLE = 16
-_POWER_ITERATIONS = 2
-
 # Factors whose largest value lies outside [2**-30, 2**30] are scaled into it first (by a power of two: exact), so
 # that the core product R_B R_Aᵀ neither overflows nor loses its small values; others are taken as they are.
 _UNIT_EXPONENTS = (-30, 30)
@@ -284,24 +279,13 @@ def compute_dtype(*tensors):
 
 
 def dense_svd(mat, k: int | None = None):
-    """Thin SVD of a dense 2-D matrix, cut to its top ``k`` terms when ``k`` is given.
+    """Thin SVD of a dense 2-D matrix, cut to its top ``k`` terms when ``k`` is given (ops/randomized.py: large
+    matrices with a small target use a randomised range finder; the top-k terms it returns are still an orthogonal
+    projection of ``mat``, so ‖mat‖² − Σ S² is exactly the squared error of the truncation)."""
+    from loratools.ops.randomized import top_svd
 
-    Large matrices with a small target use a randomised range finder with oversampling and power
-    iterations; the top-k terms it returns are still an orthogonal projection of ``mat``, so
-    ‖mat‖² − Σ S² is exactly the squared error of the truncation.
-    """
-    import torch
-
-    side = min(mat.shape)
-    if k is not None and side > _RANDOMISED_MIN_SIDE and 4 * (k + _OVERSAMPLE) <= side:
-        _check_finite(mat)
-        unit, c = _unit(mat)
-        u, s, v = torch.svd_lowrank(unit, q=k + _OVERSAMPLE, niter=_POWER_ITERATIONS)
-        return u[:, :k], _scaled_values(s[:k], c), v[:, :k].T
-    u, s, vh = svd(mat)
-    if k is None:
-        return u, s, vh
-    return u[:, :k], s[:k], vh[:k]
+    u, s, vh = top_svd(mat[None], k)
+    return u[0], s[0], vh[0]
 
 
 def split_factors(u, s, vh, k: int):
