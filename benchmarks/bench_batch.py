@@ -1,13 +1,15 @@
 """A batch conversion of many LoRA files to diffusers against `cp -r` of the same files, in one run.
 
-    python benchmarks/bench_batch.py [--files 1000] [--keep DIR] [--jobs 2]
+    python benchmarks/bench_batch.py [--files 1000] [--keep DIR] [--jobs 2] [--before REV]
 
 The files: whole real layouts (real module names and dimensions) that convert to diffusers, at ranks 2, 4 and 8,
 from tens of kB to tens of MB. Variants, each in a fresh process after os.sync() over a warm page cache:
 `cp -r` of the folder (the I/O floor), `loratools batch` of one convert job per file (in one process, and with
 --jobs worker processes), the same batch rerun (every job skipped), a plain loop of `loratools.convert` in one
 process (what the batch adds: its claims and checks), and `loratools convert` started once per file (the start-up
-the batch amortises; timed on the first 5% of the files and scaled).
+the batch amortises; timed on the first 5% of the files and scaled). CPU is user + system of the variant's
+processes (not of --jobs workers, which the forkserver starts). With --before, the loratools variants also run on
+that git revision (exported with `git archive`), each variant alternating between the two trees.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -23,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_before_after import export
 from common import ROOT, compile_bytecode, table
 
 sys.path.insert(0, str(ROOT / "tests"))
@@ -50,14 +54,18 @@ def make(folder: Path, count: int) -> None:
         synthesize(name, sub / f"l{i:04d}.safetensors", seed=i, rank=rank)
 
 
-def timed(cmd: list[str], ok: tuple[int, ...] = (0,)) -> float:
+def timed(cmd: list[str], ok: tuple[int, ...] = (0,), tree: Path = ROOT) -> tuple[float, float]:
+    """Wall and CPU seconds (user + system of the whole process tree) of ``cmd`` run with ``tree``'s loratools."""
     os.sync()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT).returncode
+    code = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tree,
+                          env={**os.environ, "PYTHONPATH": str(tree)}).returncode
     seconds = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if code not in ok:
         raise SystemExit(f"failed ({code}): {' '.join(cmd)}")
-    return seconds
+    return seconds, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def main() -> None:
@@ -65,6 +73,7 @@ def main() -> None:
     ap.add_argument("--files", type=int, default=1000)
     ap.add_argument("--keep", default=None, help="Build the inputs here once and reuse them on later runs.")
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--before", default=None, help="git revision whose loratools runs too, in the same run")
     args = ap.parse_args()
     compile_bytecode()
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,27 +99,38 @@ def main() -> None:
             return work / name
 
         timed(["cp", "-r", str(src), str(fresh("warm"))])  # warm the page cache
+        trees = {"": ROOT} if not args.before else {f" [{args.before}]": export(args.before, Path(tmp) / "before"),
+                                                    " [this tree]": ROOT}
         cli = [PY, "-m", "loratools"]
-        rows = []
-        rows.append(["cp -r", timed(["cp", "-r", str(src), str(fresh("copy"))])])
-        batch_out = fresh("batch1")
-        rows.append(["loratools batch (one process)", timed(cli + ["batch", manifest(batch_out)], ok=(0, 1))])
-        rows.append(["loratools batch, rerun (all skipped)", timed(cli + ["batch", manifest(batch_out)], ok=(0, 1))])
-        rows.append([f"loratools batch --jobs {args.jobs}",
-                     timed(cli + ["batch", manifest(fresh("batchN")), "--jobs", str(args.jobs)], ok=(0, 1))])
-        rows.append(["loop of loratools.convert (one process)", timed([PY, "-c", LOOP, manifest(fresh("loop"))])])
+        rows = [["cp -r", *timed(["cp", "-r", str(src), str(fresh("copy"))])]]
+        for label, tree in trees.items():
+            batch_out = fresh("batch1")
+            rows.append([f"loratools batch (one process){label}",
+                         *timed(cli + ["batch", manifest(batch_out)], ok=(0, 1), tree=tree)])
+            rows.append([f"loratools batch, rerun (all skipped){label}",
+                         *timed(cli + ["batch", manifest(batch_out)], ok=(0, 1), tree=tree)])
+        for label, tree in trees.items():
+            seconds, _ = timed(cli + ["batch", manifest(fresh("batchN")), "--jobs", str(args.jobs)], ok=(0, 1),
+                               tree=tree)
+            rows.append([f"loratools batch --jobs {args.jobs}{label}", seconds, None])  # workers: not our children
+        for label, tree in trees.items():
+            rows.append([f"loop of loratools.convert (one process){label}",
+                         *timed([PY, "-c", LOOP, manifest(fresh("loop"))], tree=tree)])
         sample = files[:: 20]
         single = fresh("single")
-        start = time.perf_counter()
+        wall = cpu = 0.0
         for p in sample:
-            timed(cli + ["convert", str(p), "--to", "diffusers", "-o", f"{single}/{p.parent.name}/"])
-        rows.append([f"loratools convert per file (x{len(files) / len(sample):.0f} of {len(sample)} files)",
-                     (time.perf_counter() - start) * len(files) / len(sample)])
+            w, c = timed(cli + ["convert", str(p), "--to", "diffusers", "-o", f"{single}/{p.parent.name}/"])
+            wall, cpu = wall + w, cpu + c
+        scale = len(files) / len(sample)
+        rows.append([f"loratools convert per file (x{scale:.0f} of {len(sample)} files)", wall * scale, cpu * scale])
+        rows.append(["cp -r, again at the end (how far the floor moved)",
+                     *timed(["cp", "-r", str(src), str(fresh("copy"))])])
         shutil.rmtree(work, ignore_errors=True)
     floor = rows[0][1]
     print(f"{len(files)} LoRA files ({size:.0f} MB) to diffusers, {os.cpu_count()} cores")
-    print(table([[label, f"{s:.2f}", f"{len(files) / s:.0f}", f"{s / floor:.1f}x"] for label, s in rows],
-                ["variant", "seconds", "files/s", "vs cp -r"]))
+    print(table([[label, f"{s:.2f}", "-" if c is None else f"{c:.2f}", f"{len(files) / s:.0f}", f"{s / floor:.1f}x"]
+                 for label, s, c in rows], ["variant", "seconds", "CPU s", "files/s", "vs cp -r"]))
 
 
 if __name__ == "__main__":
