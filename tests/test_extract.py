@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from test_bake import SDXL_KEYS, load, shapes, write_base
+from test_ops_resize import DEVICES
 
 import loratools
 from loratools.cli import cli
@@ -99,7 +100,8 @@ def test_sdxl_convs_and_text_encoders_are_opt_in(tmp_path):
         assert torch.allclose(again[k], tuned[k], atol=1e-5), k
 
 
-def test_a_batched_extract_gives_each_module_what_it_gets_alone(tmp_path, monkeypatch):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_batched_extract_gives_each_module_what_it_gets_alone(tmp_path, monkeypatch, device):
     """ΔW of one shape are stacked into batches that run on a pool of threads; the output is the one of a run that
     decomposes each ΔW alone, in the checkpoint's order, whatever the batches and the workers."""
     import loratools.ops.batched as batched
@@ -111,12 +113,13 @@ def test_a_batched_extract_gives_each_module_what_it_gets_alone(tmp_path, monkey
     tuned_copy(base, tmp_path / "tuned.safetensors", {k: _delta(shape, seed=i) for i, (k, shape) in enumerate(spec.items())})
     runs = {}
     for label, budget, workers in (("alone", 1, 1), ("batched", 1 << 20, 2), ("batched, one worker", 1 << 20, 1)):
-        monkeypatch.setitem(extract.BATCH_BYTES, "cpu", budget)
+        monkeypatch.setitem(extract.BATCH_BYTES, device, budget)
         monkeypatch.setattr(batched, "worker_count", lambda device, n=workers: n)
         for rule in ({"rank": 5}, {"dynamic": "sv_fro:0.5", "rank": 12}):
             out = tmp_path / f"{label}.{len(rule)}.safetensors"
             r = loratools.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", out, family="flux1",
-                                  **rule)
+                                  device=device, **rule)
+            assert r.device == device
             runs[label, len(rule)] = (r.modules, load(out))
     for rule in (1, 2):
         modules, tensors = runs["alone", rule]

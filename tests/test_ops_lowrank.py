@@ -7,6 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from test_ops_resize import DEVICES
+
 from loratools.errors import UsageError
 from loratools.ops.lowrank import (FactorSVD, NoSVD, dense_svd, factor_svd, parse_dynamic, resolve_device,
                                    select_rank, split_factors, truncation)
@@ -52,23 +54,25 @@ def factor_batch(n, m, r, cols, dtype, seed, scales=None):
 @pytest.mark.parametrize("n,m,r,cols,k", [(5, 40, 8, 24, 3), (4, 6, 8, 5, 4), (3, 5, 8, 30, 5), (6, 33, 64, 2880, 16),
                                           (1, 20, 4, 12, 2)])
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_a_batch_gives_each_module_its_own_svd(n, m, r, cols, k, dtype, tol):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_batch_gives_each_module_its_own_svd(n, m, r, cols, k, dtype, tol, device):
     """The stacked modules come out as each would alone, and as the float64 dense SVD says; modules of very
     different magnitudes (1e-20 ... 1e20: each gets its own power-of-two scale) do not disturb each other."""
     scales = [1.0, 1e-20, 1e20, 3.0, 1e-3, 7.0][:n]
     up, down = factor_batch(n, m, r, cols, dtype, seed=m + r + cols, scales=scales)
+    up, down = up.to(device), down.to(device)
     batch = FactorSVD(up, down)
     left, right = batch.top(k)
     assert batch.s.shape == (n, min(m, r, cols)) and left.shape == (n, m, k) and right.shape == (n, k, cols)
     for i in range(n):
         one = FactorSVD(up[i], down[i])
-        ref = torch.linalg.svdvals(up[i].double() @ down[i].double())[: min(m, r, cols)]
+        ref = torch.linalg.svdvals(up[i].double() @ down[i].double())[: min(m, r, cols)].to(batch.s.device)
         torch.testing.assert_close(batch.s[i], one.s, rtol=tol, atol=tol * float(ref[0]))
         torch.testing.assert_close(batch.s[i].double(), ref, rtol=10 * tol, atol=10 * tol * float(ref[0]))
         one_left, one_right = one.top(k)
         got = left[i].double() @ right[i].double()
         torch.testing.assert_close(got, one_left.double() @ one_right.double(), rtol=tol, atol=tol * float(ref[0]))
-        dense = up[i].double() @ down[i].double()  # the product of the top k terms is the optimal rank-k cut
+        dense = (up[i].double() @ down[i].double()).to(got.device)  # the top k terms: the optimal rank-k cut
         best = float(ref[k:].pow(2).sum().sqrt()) if k < ref.shape[0] else 0.0
         assert float((dense - got).norm()) == pytest.approx(best, rel=10 * tol, abs=10 * tol * float(ref[0]))
         torch.testing.assert_close(left[i].norm(dim=0), right[i].norm(dim=1), rtol=10 * tol, atol=0)  # balanced
@@ -118,11 +122,12 @@ def tuned_like(m, n, seed, terms=64, scale=1.0):
 
 
 @pytest.mark.parametrize("k,randomised", [(None, False), (30, True), (8, True), (500, False)])
-def test_a_batch_of_dense_svds_gives_each_matrix_its_own(k, randomised):
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_batch_of_dense_svds_gives_each_matrix_its_own(k, randomised, device):
     from loratools.ops.randomized import randomised as takes_range_finder
     from loratools.ops.randomized import top_svd
 
-    mats = torch.stack([tuned_like(1100, 1060, seed=i, scale=c) for i, c in enumerate((1.0, 1e-25, 1e25))])
+    mats = torch.stack([tuned_like(1100, 1060, seed=i, scale=c) for i, c in enumerate((1.0, 1e-25, 1e25))]).to(device)
     assert takes_range_finder(mats.shape, k) == randomised
     u, s, vh = top_svd(mats, k)
     kk = k or 1060

@@ -9,8 +9,8 @@ from loratools.errors import ShapeMismatch, UsageError
 from loratools.model import MemorySource
 from loratools.ops.merge import merge
 from synth import synthesize
-from test_ops_resize import (F64, dense, loha, lora_of, make_module, mixed_modules, one_per_shape, optimal_error,
-                             rand_lora, small_batches, svdvals)  # noqa: F401 (small_batches: a fixture)
+from test_ops_resize import (DEVICES, F64, dense, loha, lora_of, make_module, mixed_modules, one_per_shape,  # noqa: F401
+                             optimal_error, rand_lora, small_batches, svdvals)  # (small_batches: a fixture)
 
 
 def weighted_sum(pairs):
@@ -58,8 +58,10 @@ def test_svd_merge_dynamic_and_cap():
     assert merge(items, method="svd", dynamic="sv_fro:0.8", max_rank=2)[0].modules[0].rank == min(2, want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kwargs", [{"rank": 5}, {"dynamic": "sv_fro:0.8"}])
-def test_a_batched_svd_merge_gives_each_module_what_it_gets_alone(small_batches, kwargs):
+def test_a_batched_svd_merge_gives_each_module_what_it_gets_alone(small_batches, kwargs, device):
+    kwargs = {**kwargs, "device": device}
     a = mixed_modules()
     b = mixed_modules(torch.float16)[::-1]  # other values, other storage, other order; matched by name
     c = [rand_lora(40, 24, 4, seed=30 + n, name=f"m{n}", alpha=2.0) for n in (0, 1, 2)]  # rank 4: other batches

@@ -357,19 +357,27 @@ def mixed_modules(dtype=torch.float32):
     return mods[:5] + [tucker] + mods[5:8] + [loha(seed=5), norm] + mods[8:]
 
 
+# The GPU runs of a test are the CPU test itself, on the other device (pytest -m gpu selects them).
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                  reason="needs CUDA")])]
+
+
 @pytest.fixture(params=[1, 2], ids=["one worker", "two workers"])
 def small_batches(request, monkeypatch):
     """Batches of one to three modules, run in turn or by a pool of two threads."""
     import loratools.ops.batched as batched
 
-    monkeypatch.setitem(batched.BATCH_BYTES, "cpu", 4 << 10)
+    for device in ("cpu", "cuda"):
+        monkeypatch.setitem(batched.BATCH_BYTES, device, 4 << 10)
     monkeypatch.setattr(batched, "worker_count", lambda device: request.param)
     return request.param
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kwargs", [{"rank": 4}, {"dynamic": "sv_fro:0.7"}, {"dynamic": "sv_ratio:3", "max_rank": 5}])
-def test_a_batched_resize_gives_each_module_what_it_gets_alone(small_batches, kwargs):
+def test_a_batched_resize_gives_each_module_what_it_gets_alone(small_batches, kwargs, device):
     mods = mixed_modules()
+    kwargs = {**kwargs, "device": device}
     out, report = resize(lora_of(*mods), lossy_rank=6, **kwargs)
     assert [m.name for m in out.modules] == [m.name for m in mods]
     assert len({r["new_rank"] for r in report["modules"] if r["action"] == "truncated"}) > 1 or "rank" in kwargs
@@ -377,6 +385,7 @@ def test_a_batched_resize_gives_each_module_what_it_gets_alone(small_batches, kw
         alone, alone_report = resize(lora_of(m), lossy_rank=6, **kwargs)
         want, want_row = alone.modules[0], alone_report["modules"][0]
         assert row == pytest.approx(want_row, rel=1e-6)
+        assert report["device"] == alone_report["device"] == device
         assert got.alpha == want.alpha and set(got.adapter.tensors) == set(want.adapter.tensors)
         for role, ref in want.adapter.tensors.items():
             a, b = got.adapter.t(role).torch(), ref.torch()
