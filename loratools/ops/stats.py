@@ -9,20 +9,21 @@ from loratools.ops.lowrank import NoSVD, effective_rank, factor_svd, svd
 
 
 def _singular_values(module: Module):
-    """Singular values of the module's unscaled ΔW, or None when they need the base weights."""
+    """Singular values of the module's unscaled ΔW (None when they need the base weights), and whether they come
+    from low-rank factors (the spectrum resize works on)."""
     a = module.adapter
     if a.needs_base:
-        return None
+        return None, False
     factors = a.low_rank()
     if factors is not None:
-        return factor_svd(*factors, compute_uv=False)
+        return factor_svd(*factors, compute_uv=False), True
     s = a.singular_values()
     if s is not None:
-        return s
+        return s, False
     delta = a.delta()
     if delta is None:
-        return None
-    return svd(delta.float().flatten(1) if delta.dim() > 1 else delta.float()[None])[1]
+        return None, False
+    return svd(delta.float().flatten(1) if delta.dim() > 1 else delta.float()[None])[1], False
 
 
 def _finite(module: Module) -> tuple[bool, bool]:
@@ -49,25 +50,29 @@ def _number(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def module_stats(lora: Lora) -> dict:
+def module_stats(lora: Lora, spectra: list | None = None) -> dict:
     """Per-module ‖s·ΔW‖_F, effective rank and health flags, plus a summary. Never raises on the numbers: a
-    module holding NaN or Inf, or whose ΔW overflows (no SVD), is flagged ``nan_or_inf`` and has no norm."""
+    module holding NaN or Inf, or whose ΔW overflows (no SVD), is flagged ``nan_or_inf`` and has no norm.
+    ``spectra``: a list that gets each module's singular values from its low-rank factors (None for the rest), so
+    a caller that draws them does not decompose every module a second time."""
     from loratools.ops.threads import small_matrix_threads
 
     with small_matrix_threads():  # module by module, small factor-space SVDs
-        return _module_stats(lora)
+        return _module_stats(lora, spectra)
 
 
-def _module_stats(lora: Lora) -> dict:
+def _module_stats(lora: Lora, spectra: list | None) -> dict:
     rows, flagged = [], {"nan_or_inf": [], "all_zero": [], "needs_base": []}
     for m in lora.modules:
         bad, zero = _finite(m)
-        s = None
+        s, factored = None, False
         if not bad:
             try:
-                s = _singular_values(m)
+                s, factored = _singular_values(m)
             except NoSVD:  # finite factors whose product overflows float32
                 bad = True
+        if spectra is not None:
+            spectra.append(s if factored and not bad else None)
         row = {"name": m.name, "component": m.component, "type": m.adapter.label, "norm": None,
                "effective_rank": None, "top_singular_value": None, "flags": []}
         if bad:

@@ -16,7 +16,6 @@ import os
 from loratools import summary
 from loratools._version import __version__
 from loratools.model import Lora
-from loratools.ops.lowrank import factor_svd
 from loratools.ops.stats import module_stats
 from loratools.ops.threads import small_matrix_threads
 from loratools.visual.blocks import OTHER, Placer, component_order
@@ -32,13 +31,6 @@ def inspect_summary(lora: Lora, hashes: bool = True) -> dict:
     if hashes:
         info["hashes"] = summary.hashes(lora)
     return info
-
-
-def _spectrum(m):
-    """Singular values of the module's unscaled ΔW from its factors (the SVD `inspect --stats` and `resize` do), or
-    None for adapters that are no low-rank product (their norms still come from ``module_stats``)."""
-    factors = None if m.adapter.needs_base else m.adapter.low_rank()
-    return factor_svd(*factors, compute_uv=False) if factors is not None else None
 
 
 def _scaled(stats: dict, strength: float) -> dict:
@@ -65,10 +57,13 @@ def lora_data(lora: Lora, *, strength: float = 1.0, ranks=None, dynamic=None, ha
                     () if decided else getattr(fam, "candidates", ()))
     rows, measured, stacks, cells = [], [], {}, {}
     with small_matrix_threads():  # QRs of r-column matrices: more threads only slow them down on busy cores
-        stats = module_stats(lora)  # the numbers of `inspect --stats`, by its own code
-        for m, row in zip(lora.modules, stats["modules"]):
+        # the numbers of `inspect --stats`, by its own code, and each LoRA module's spectrum from the same SVD (the
+        # factor-space one resize works on; None for adapters that are no low-rank product)
+        spectra: list = []
+        stats = module_stats(lora, spectra)
+        for m, row, spectrum in zip(lora.modules, stats["modules"], spectra):
             row = _scaled(row, strength)
-            s = _spectrum(m) if row["norm"] is not None else None
+            s = spectrum if row["norm"] is not None else None
             place, stack = placer.place(m.component, m.name)
             group = f"{place.component} {place.stack if place.stack is not None else OTHER}"
             rows.append({**row, "block": place.block, "canonical": place.canonical, "rank": m.rank,
