@@ -133,6 +133,31 @@ def test_a_batched_extract_gives_each_module_what_it_gets_alone(tmp_path, monkey
                 torch.testing.assert_close(got[k].float(), t.float(), rtol=2e-3, atol=1e-5)
 
 
+def test_float8_checkpoints_extract_as_their_float32_values(tmp_path):
+    """ΔW is formed in float32 in place (torch promotes no float8 in a subtraction: the base is widened first)."""
+    from test_bake import _dt
+
+    from loratools.io.writer import write_safetensors
+
+    def write(path, tensors):
+        name = lambda v: "F8_E4M3" if v.dtype == torch.float8_e4m3fn else _dt(v)  # noqa: E731
+        write_safetensors(path, [(k, name(v), tuple(v.shape), v) for k, v in tensors.items()])
+
+    base = write_base(tmp_path / "b16.safetensors", FLUX, dtype=torch.float32)
+    base8 = {k: v.to(torch.float8_e4m3fn) if v.dim() == 2 else v for k, v in base.items()}
+    tuned8 = dict(base8, **{"img_in.weight": (base["img_in.weight"] + _delta((H, 16)) * 10).to(torch.float8_e4m3fn)})
+    write(tmp_path / "b8.safetensors", base8)
+    write(tmp_path / "t8.safetensors", tuned8)
+    r = loratools.extract(tmp_path / "b8.safetensors", tmp_path / "t8.safetensors", tmp_path / "x.safetensors",
+                          rank=16, family="flux1")
+    assert [m["key"] for m in r.modules] == ["img_in.weight"] and r.modules[0]["retained_energy"] > 0.999999
+    got = load(tmp_path / "x.safetensors")
+    want = tuned8["img_in.weight"].float() - base8["img_in.weight"].float()
+    (up,), (down,) = ([v for k, v in got.items() if f"lora_{r}" in k] for r in ("up", "down"))
+    assert up.dtype == torch.float32  # no float8 factors
+    torch.testing.assert_close((up.double() @ down.double()).float(), want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_nan_in_a_batch_names_its_weight(tmp_path, monkeypatch):
     import loratools.ops.batched as batched
 

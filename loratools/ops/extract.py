@@ -81,8 +81,8 @@ def _model_canon(family: Family, stem: str):
     return None
 
 
-# ΔW bytes (float32) per batch of one shape, and held back waiting for their batch in all: with two batches in
-# the workers and one being read, memory stays at a few hundred MB whatever the checkpoints' size.
+# ΔW bytes (float32) per batch of one shape, and in batches being filled in all: with a batch per worker in flight
+# as well, memory stays at a few hundred MB whatever the checkpoints' size.
 BATCH_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
 HELD_BYTES = 128 << 20
 
@@ -92,29 +92,49 @@ class _Change:
     order: int  # the weight's place among the candidates: the output keeps the checkpoint's order
     key: str
     canon: object
-    diff: object  # ΔW, float32 on the host
     dtype: object  # the storage dtype of the factors (the base weight's, float32 for others)
 
 
-def _factor_batch(batch: list[_Change], spec: Spec, device, path) -> list[tuple]:
-    """(change, up, down, kept rank, retained energy) of each ΔW of a batch of one shape, the factors on the host
-    in their storage dtype."""
+@dataclass
+class _Batch:
+    """ΔW of one shape, formed in place in a stacked float32 tensor as the pairs are read."""
+
+    mats: object  # [capacity, out, in·kernel]
+    shape: tuple  # each ΔW's own shape
+    changes: list = field(default_factory=list)
+
+    @property
+    def full(self) -> bool:
+        return len(self.changes) == self.mats.shape[0]
+
+
+def _factor_batch(batch: _Batch, spec: Spec, device, path) -> list[tuple]:
+    """(change, up, down, kept rank, retained energy) of each ΔW of a batch, the factors on the host in their
+    storage dtype; (change, None, ...) for a ΔW that is all zeros (an unchanged weight)."""
     import torch
 
     from loratools.ops.lowrank import NoSVD, select_rank, split_factors, truncation
     from loratools.ops.randomized import top_svd
 
-    shape = batch[0].diff.shape
+    shape, n = batch.shape, len(batch.changes)
     rank = spec.conv_rank if len(shape) == 4 and shape[2:] != (1, 1) else spec.rank
-    mats = torch.stack([c.diff.reshape(shape[0], -1) for c in batch]).to(device, torch.float32)
+    mats = batch.mats[:n].to(device)
+    batch.mats = None  # the results keep the batch's changes, not its ΔW
+    flat = mats.flatten(1)
+    changed = (torch.maximum(-flat.amin(1), flat.amax(1)) != 0).cpu().tolist()  # NaN counts as changed
+    out = [(c, None, None, 0, 0.0) for c, moved in zip(batch.changes, changed) if not moved]
+    changes = [c for c, moved in zip(batch.changes, changed) if moved]
+    if not changes:
+        return out
+    if len(changes) < n:
+        mats = mats[torch.tensor(changed, device=mats.device)]
     want = None if spec.dynamic else min(rank, *mats.shape[1:])
     try:
         u, s, vh = top_svd(mats, want)
     except NoSVD as e:  # a NaN or Inf in either checkpoint
-        raise NoSVD(f"module {batch[e.index].key}: {e.message}", path) from None
+        raise NoSVD(f"module {changes[e.index].key}: {e.message}", path) from None
     norms = torch.linalg.vector_norm(mats.flatten(1), dim=1).double().cpu().tolist()
-    out = []
-    for i, change in enumerate(batch):
+    for i, change in enumerate(changes):
         total = norms[i] * norms[i] if math.isfinite(norms[i]) else float(mats[i].double().pow(2).sum())
         values = s[i].double().cpu().tolist()
         k = select_rank(values, rank=want, dynamic=spec.dynamic, max_rank=rank)
@@ -135,10 +155,9 @@ def _module(canon, key: str, up, down, mem: MemorySource) -> Module:
     return Module(canon.native, "model" if canon.space == "model" else canon.space, adapter, alpha=float(up.shape[1]))
 
 
-def _changes(base: Base, tuned: Base, family: Family, spec: Spec, result: ExtractResult):
-    """Every changed weight the tables know, as a _Change, read pair by pair in the checkpoints' order."""
-    import torch
-
+def _plan(base: Base, tuned: Base, family: Family, spec: Spec, result: ExtractResult) -> list[tuple]:
+    """(order, key, Canon, rows, transposed, ΔW shape) of every weight pair to read, from the headers alone."""
+    plan = []
     for order, (key, canon, rows, transposed) in enumerate(candidates(base, family, spec.text_encoders)):
         if key not in tuned.keys:
             result.skipped.append(f"{key} (not in the tuned checkpoint)")
@@ -146,63 +165,83 @@ def _changes(base: Base, tuned: Base, family: Family, spec: Spec, result: Extrac
         if base.shape(key) != tuned.shape(key):
             raise ShapeMismatch(f"{key} is {list(base.shape(key))} in the base but {list(tuned.shape(key))} in the "
                                 "tuned checkpoint (different families or variants?)", tuned.path)
-        shape = base.shape(key)
+        shape = tuple(base.shape(key))
         if len(shape) < 2:
             continue
-        fb, nb = base.keys[key]
-        ft, nt = tuned.keys[key]
-        w0 = fb.sf.torch(nb)
-        diff = ft.sf.torch(nt).to(torch.float32) - w0.to(torch.float32)
         if rows is not None:
-            diff, key = diff[rows[0]: rows[1]], f"{key}[{rows[0]}:{rows[1]}]"
-        if transposed:
-            diff = diff.T
-        if not torch.any(diff):
-            result.unchanged += 1
-            continue
-        if diff.dim() == 4 and diff.shape[2:] != (1, 1) and spec.conv_rank is None:
-            result.skipped.append(f"{key} (a {'x'.join(map(str, diff.shape[2:]))} conv: pass --conv-rank)")
-            continue
-        dtype = w0.dtype if w0.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
-        yield _Change(order, key, canon, diff, dtype)
+            shape = (rows[1] - rows[0], *shape[1:])
+        plan.append((order, key, canon, rows, transposed, shape[::-1] if transposed else shape))
+    return plan
 
 
 def extract_pairs(base: Base, tuned: Base, family: Family, spec: Spec, device, result: ExtractResult):
-    """[(Module, Canon)] for every changed weight. This thread reads the pairs and forms each ΔW; ΔW of one shape
-    are stacked into batches that the workers (ops/batched.py: a thread per core, one intra-op thread each)
-    decompose meanwhile."""
-    from concurrent.futures import ThreadPoolExecutor
+    """[(Module, Canon)] for every changed weight. This thread reads the pairs (into two reused buffers) and forms
+    each ΔW = W_tuned − W_base in float32 straight into the batch of its shape; the workers (a thread per core,
+    one intra-op thread each) decompose the full batches meanwhile."""
+    import collections
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    import torch
 
     from loratools.ops.batched import worker_count
     from loratools.ops.resize import cpu_threads
 
+    plan = _plan(base, tuned, family, spec, result)
+    left = collections.Counter(shape for *_, shape in plan)  # ΔW of each shape still to come
     budget = BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
-    workers = worker_count(device)
-    groups: dict[tuple, list[_Change]] = {}
-    held, running, done = 0, [], []
+    workers, bufs = worker_count(device), [bytearray(), bytearray()]
+    batches: dict[tuple, _Batch] = {}
+    running, done = [], []
     with cpu_threads(device), ThreadPoolExecutor(workers) as pool:
         def submit(shape):
-            nonlocal held
-            batch = groups.pop(shape)
-            held -= sum(c.diff.nelement() * 4 for c in batch)
-            running.append(pool.submit(_factor_batch, batch, spec, device, tuned.path))
-            while len(running) > workers:  # one batch waits while the others run: reading never gets far ahead
-                done.extend(running.pop(0).result())
+            running.append(pool.submit(_factor_batch, batches.pop(shape), spec, device, tuned.path))
+            while len(running) > workers:  # a batch per worker at most: reading never gets far ahead
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    running.remove(future)
+                    done.extend(future.result())
 
-        for change in _changes(base, tuned, family, spec, result):
-            shape = tuple(change.diff.shape)
-            groups.setdefault(shape, []).append(change)
-            held += change.diff.nelement() * 4
-            if sum(c.diff.nelement() * 4 for c in groups[shape]) >= budget:
+        for order, key, canon, rows, transposed, shape in plan:
+            (fb, nb), (ft, nt) = base.keys[key], tuned.keys[key]
+            for i, (sf, name) in enumerate(((fb.sf, nb), (ft.sf, nt))):
+                if len(bufs[i]) < sf.info(name).nbytes:  # a new buffer as large as the largest tensor so far
+                    bufs[i] = bytearray(sf.info(name).nbytes)
+            w0, w1 = fb.sf.torch(nb, into=bufs[0]), ft.sf.torch(nt, into=bufs[1])
+            if rows is not None:
+                w0, w1, key = w0[rows[0]: rows[1]], w1[rows[0]: rows[1]], f"{key}[{rows[0]}:{rows[1]}]"
+            if transposed:
+                w0, w1 = w0.T, w1.T
+            dtype = w0.dtype if w0.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+            left[shape] -= 1
+            if len(shape) == 4 and shape[2:] != (1, 1) and spec.conv_rank is None:
+                if torch.equal(w0, w1):
+                    result.unchanged += 1
+                else:
+                    result.skipped.append(f"{key} (a {'x'.join(map(str, shape[2:]))} conv: pass --conv-rank)")
+                continue
+            if shape not in batches:
+                size = 4 * math.prod(shape)
+                capacity = max(1, min(budget // size, left[shape] + 1))
+                batches[shape] = _Batch(torch.empty(capacity, shape[0], math.prod(shape[1:])), shape)
+            batch = batches[shape]
+            slot = batch.mats[len(batch.changes)].view(shape)
+            slot.copy_(w1)
+            # in float32: an fp16/bf16 operand is widened as it is read; torch promotes no float8
+            slot.sub_(w0 if w0.element_size() > 1 or not w0.is_floating_point() else w0.float())
+            batch.changes.append(_Change(order, key, canon, dtype))
+            if batch.full:
                 submit(shape)
-            while held > HELD_BYTES:
-                submit(max(groups, key=lambda sh: sum(c.diff.nelement() for c in groups[sh])))
-        for shape in list(groups):
+            while sum(b.mats.nelement() * 4 for b in batches.values()) > HELD_BYTES:
+                submit(max(batches, key=lambda sh: len(batches[sh].changes) * math.prod(sh)))
+        for shape in list(batches):
             submit(shape)
         for future in running:
             done.extend(future.result())
     mem, pairs = MemorySource(), []
     for change, up, down, k, retained in sorted(done, key=lambda d: d[0].order):
+        if up is None:
+            result.unchanged += 1
+            continue
         pairs.append((_module(change.canon, change.key, up, down, mem), change.canon))
         result.modules.append({"key": change.key, "rank": k, "retained_energy": round(retained, 6)})
     return pairs
