@@ -133,9 +133,11 @@ def _factor_batch(batch: _Batch, spec: Spec, device, path) -> list[tuple]:
         u, s, vh = top_svd(mats, want)
     except NoSVD as e:  # a NaN or Inf in either checkpoint
         raise NoSVD(f"module {changes[e.index].key}: {e.message}", path) from None
-    norms = torch.linalg.vector_norm(mats.flatten(1), dim=1).double().cpu().tolist()
+    # ‖ΔW‖² from the rows' norms (float32, short sums) added in float64: one float32 norm of a whole 10240x1280
+    # ΔW is off by ~1e-3
+    squares = torch.linalg.vector_norm(mats, dim=2).double().pow(2).sum(1).cpu().tolist()
     for i, change in enumerate(changes):
-        total = norms[i] * norms[i] if math.isfinite(norms[i]) else float(mats[i].double().pow(2).sum())
+        total = squares[i] if math.isfinite(squares[i]) else float(mats[i].double().pow(2).sum())
         values = s[i].double().cpu().tolist()
         k = select_rank(values, rank=want, dynamic=spec.dynamic, max_rank=rank)
         retained, _ = truncation(values, k, total=total)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 OVERSAMPLE = 16
 POWER_ITERATIONS = 2
-# below this side the randomised path is slower than LAPACK's SVD
-MIN_SIDE = 1024
+# below this side LAPACK's SVD is as fast; above it the range finder is 4-20x faster when k + 16 <= side / 4
+# (640x640 at k=64: 13 ms against 98 ms; benchmarks/RESULTS.md, extract)
+MIN_SIDE = 256
 _SEED = 0
 
 
