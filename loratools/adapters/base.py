@@ -45,6 +45,7 @@ class Adapter:
     needs_base: ClassVar[bool] = False
     exact_lora: ClassVar[bool] = False
     strength_inside: ClassVar[bool] = False  # delta() applies the strength itself (it is not a linear factor)
+    lossy_name: ClassVar[str | None] = None  # becomes LoRA only through a dense, lossy SVD: the name users know
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -100,6 +101,20 @@ class Adapter:
     def moves_weight(self) -> bool:
         """Whether the adapter changes its layer's weight (a stored bias difference alone does not)."""
         return True
+
+    @property
+    def is_vector(self) -> bool:
+        """A delta with no matrix to factor (norm weights, a bias-only or 1-D diff): carried, never resized."""
+        return False
+
+    def plain_factors(self):
+        """``(up, down)`` TensorRefs when ΔW is their flat product exactly as stored (read straight into a batch),
+        else None."""
+        return None
+
+    def kron_factors(self):
+        """``(w1, w2)``, 2-D float32, when ΔW = kron(w1, w2): its SVD then comes from the two factors'."""
+        return None
 
     def check(self) -> None:
         """Raise ShapeMismatch when the factors cannot belong together."""

@@ -11,6 +11,7 @@ class Full(Adapter):
     kind = "full"
     detect = (frozenset({"diff"}), frozenset({"diff_b"}))
     suffixes = {("diff",): ("diff", LYCORIS), ("diff_b",): ("diff_b", LYCORIS)}
+    lossy_name = "full-diff"
 
     @property
     def out_dim(self) -> int | None:
@@ -26,6 +27,10 @@ class Full(Adapter):
     def moves_weight(self) -> bool:
         return self.has("diff")
 
+    @property
+    def is_vector(self) -> bool:
+        return not self.has("diff") or len(self.t("diff").shape) < 2
+
     def delta(self, base=None, alpha=None, strength=1.0):
         return f32(self.t("diff")) if self.has("diff") else None
 
@@ -36,6 +41,7 @@ class Norm(Adapter):
     kind = "norm"
     detect = (frozenset({"w_norm"}), frozenset({"b_norm"}))
     suffixes = {("w_norm",): ("w_norm", LYCORIS), ("b_norm",): ("b_norm", LYCORIS)}
+    is_vector = True
 
     @property
     def out_dim(self) -> int | None:

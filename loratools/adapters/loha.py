@@ -7,6 +7,7 @@ from loratools.adapters.base import LYCORIS, Adapter, f32
 
 class LoHa(Adapter):
     kind = "loha"
+    lossy_name = "LoHa"
     detect = (frozenset({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}),)
     optional = frozenset({"hada_t1", "hada_t2"})
     suffixes = {(r,): (r, LYCORIS) for r in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")}

@@ -14,6 +14,7 @@ class LoKr(Adapter):
         frozenset({"lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b"}),
     )
     optional = frozenset({"lokr_t2"})
+    lossy_name = "LoKr"
     suffixes = {(r,): (r, LYCORIS) for r in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b",
                                              "lokr_t2")}
 
@@ -92,6 +93,10 @@ class LoKr(Adapter):
         if self.has("lokr_t2"):
             return torch.einsum("ijkl,jr,ip->prkl", f32(self.t("lokr_t2")), b, a)
         return a @ b
+
+    def kron_factors(self):
+        w2 = self.w2()
+        return (self.w1(), w2) if w2.dim() == 2 else None
 
     def singular_values(self):
         # a Kronecker product's singular values are the pairwise products of its factors': no dense ΔW needed

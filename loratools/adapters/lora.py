@@ -74,6 +74,9 @@ class LoRA(Adapter):
         if len(up) > 2 and any(d != 1 for d in up[2:]):
             raise self._mismatch("a conv up factor must be 1x1")
 
+    def plain_factors(self):
+        return None if self.has("lora_mid") else (self.up, self.down)
+
     def low_rank(self):
         """(up [out, r], down [r, in·k·k]) in float32; a Tucker mid is folded into down (exact, rank r_up)."""
         import torch

@@ -18,8 +18,6 @@ from loratools.model import MemorySource, Module
 from loratools.ops.batched import Job
 from loratools.ops.lowrank import compute_dtype, dense_svd, split_factors, svd
 
-# Adapter kinds that become LoRA only through a dense, lossy SVD; the names users know them by.
-LOSSY = {"loha": "LoHa", "lokr": "LoKr", "full": "full-diff"}
 # Bias deltas a LoRA module may carry: PEFT's lora_B bias is scaled with the module, diff_b is not.
 BIAS_ROLES = ("lora_up_bias", "diff_b")
 
@@ -47,25 +45,18 @@ class Factors:
             self.rank = self.up.shape[1]
 
 
-def is_vector(m: Module) -> bool:
-    """A delta with no matrix to factor (norm weights, a bias-only or 1-D diff): carried, not resized."""
-    a = m.adapter
-    if a.kind == "norm":
-        return True
-    return a.kind == "full" and (not a.has("diff") or len(a.t("diff").shape) < 2)
-
-
 def factor_job(index: int, m: Module, device, lossy_rank: int | None = None) -> tuple[Factors, Job]:
     """The module's factors as a job for ``ops.batched.factor_svds``: a plain LoRA module's are read when the job is
     filled (in a worker, straight into its batch); other kinds are converted here (module_factors)."""
     a = m.adapter
-    if a.kind == "lora" and not a.has("lora_mid"):
+    refs = a.plain_factors()
+    if refs is not None:
         import torch
 
         from loratools.io.header import TORCH_DTYPES
 
         a.check()
-        up_ref, down_ref = a.up, a.down
+        up_ref, down_ref = refs
         rows, rank, cols = up_ref.shape[0], up_ref.shape[1], math.prod(down_ref.shape[1:])
         stored = [getattr(torch, TORCH_DTYPES[ref.dtype]) for ref in (up_ref, down_ref)]
         biases = {r: a.t(r).torch() for r in BIAS_ROLES if a.has(r)}
@@ -90,13 +81,13 @@ def factor_job(index: int, m: Module, device, lossy_rank: int | None = None) -> 
 def module_factors(m: Module, device, lossy_rank: int | None = None) -> Factors:
     """Read a matrix module as flat factors on ``device``; one host-to-device copy per tensor."""
     a = m.adapter
-    if a.kind != "lora":
+    if not a.exact_lora:
         return _lossy_factors(m, device, lossy_rank)
     a.check()
     up_t, down_t = a.up.torch(), a.down.torch()
     cdt = compute_dtype(up_t, down_t)
     up, down = up_t.to(device, cdt).flatten(1), down_t.to(device, cdt)
-    if a.has("lora_mid"):
+    if a.plain_factors() is None:
         # Tucker: ΔW[o,i,k,l] = Σ up[o,m]·mid[m,n,k,l]·down[n,i]; folding mid into down gives plain conv
         # factors of rank r_up exactly, with the kernel on down as everywhere else.
         import torch
@@ -114,18 +105,17 @@ def _lossy_factors(m: Module, device, lossy_rank: int | None) -> Factors:
 
     a = m.adapter
     if lossy_rank is None:  # check_modules normally says so first
-        raise UsageError(f"{LOSSY.get(a.kind, a.kind)} modules need --lossy-rank N to become LoRA (a lossy SVD)")
+        raise UsageError(f"{a.lossy_name or a.label} modules need --lossy-rank N to become LoRA (a lossy SVD)")
     first = next(iter(a.tensors.values())).torch()
-    if a.kind == "lokr":
-        w1, w2 = a.w1(), a.w2()
-        if w2.dim() == 2:  # ΔW = kron(w1, w2): its SVD comes from the factors' SVDs, exactly, without ΔW
-            cdt = compute_dtype(first)
-            u, s, vh, total, residual = kron_svd(w1.to(device, cdt), w2.to(device, cdt), lossy_rank)
-            up, down = split_factors(u, s, vh, s.shape[0])
-            shape = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
-            err = math.sqrt(residual / total) if total > 0 else 0.0
-            return Factors(up, down, m.scale, shape, 2, first.dtype, total=total, residual=residual,
-                           lossy_error=err)
+    kron = a.kron_factors()
+    if kron is not None:  # ΔW = kron(w1, w2): its SVD comes from the factors' SVDs, exactly, without ΔW
+        w1, w2 = kron
+        cdt = compute_dtype(first)
+        u, s, vh, total, residual = kron_svd(w1.to(device, cdt), w2.to(device, cdt), lossy_rank)
+        up, down = split_factors(u, s, vh, s.shape[0])
+        shape = (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])
+        err = math.sqrt(residual / total) if total > 0 else 0.0
+        return Factors(up, down, m.scale, shape, 2, first.dtype, total=total, residual=residual, lossy_error=err)
     dense = a.delta()
     shape = tuple(dense.shape)
     mat = dense.to(device, compute_dtype(first)).flatten(1)
@@ -138,7 +128,7 @@ def _lossy_factors(m: Module, device, lossy_rank: int | None) -> Factors:
     residual, total = residual * residual, total * total  # not ** 2: that raises beyond float64 (x * x is inf)
     del mat
     err = math.sqrt(residual / total) if total > 0 else 0.0
-    biases = {"diff_b": a.t("diff_b").torch()} if a.kind == "full" and a.has("diff_b") else {}
+    biases = {"diff_b": a.t("diff_b").torch()} if a.has("diff_b") else {}
     return Factors(up, down, m.scale, shape, len(shape) if len(shape) > 2 else 2, first.dtype,
                    total=total, residual=residual, lossy_error=err, biases=biases)
 

@@ -17,7 +17,7 @@ from loratools.errors import ShapeMismatch, UsageError
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.validate import check_writable
 from loratools.ops.batched import Job
-from loratools.ops.factors import (Factors, factor_job, is_vector, lora_module, module_factors, stored_factors,
+from loratools.ops.factors import (Factors, factor_job, lora_module, module_factors, stored_factors,
                                    wrap_module)
 from loratools.ops.lowrank import check_rank, resolve_device, svd_of, truncation
 from loratools.ops.resize import (RankRule, check_before_svds, check_modules, checked_svds, cpu_threads, metadata_warnings,
@@ -152,7 +152,7 @@ def _merge_group(terms: list[Term], rule: RankRule | None, dev, lossy_rank, mem,
 
     first = terms[0].module
     row = {"name": first.name, "component": first.component, "sources": [t.index for t in terms]}
-    vectors = [is_vector(t.module) for t in terms]
+    vectors = [t.module.adapter.is_vector for t in terms]
     if all(vectors):
         return _sum_vectors(terms, mem, out_dtype), {**row, "action": "summed", "rank": None,
                                                      "retained": 1.0, "error": 0.0}

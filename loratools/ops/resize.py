@@ -18,7 +18,7 @@ from loratools.errors import FormatError, UsageError
 from loratools.io.reader import DTYPE_SIZES
 from loratools.model import Lora, MemorySource, Module
 from loratools.ops.batched import factor_svds
-from loratools.ops.factors import (BIAS_ROLES, LOSSY, Factors, copy_module, factor_job, is_vector, kron_svd,  # noqa: F401
+from loratools.ops.factors import (BIAS_ROLES, Factors, copy_module, factor_job, kron_svd,  # noqa: F401
                                    lora_module, module_factors, stored_factors, wrap_module)
 from loratools.ops.lowrank import NoSVD, check_rank, parse_dynamic, resolve_device, select_rank, svd_of, truncation
 from loratools.ops.threads import small_matrix_threads
@@ -77,14 +77,13 @@ def check_modules(lora: Lora, lossy_rank: int | None) -> None:
     for m in lora.modules:
         if m.magnitude is not None:
             raise UsageError("DoRA modules need the base weights: pass --base CKPT", lora.path)
-        kind = m.adapter.kind
-        if kind in ("lora", "norm") or is_vector(m):
+        a = m.adapter
+        if a.exact_lora or a.is_vector:
             continue
-        if kind not in LOSSY:
-            raise UsageError(f"{m.adapter.label} modules depend on the base weights and cannot become LoRA",
-                             lora.path)
+        if a.lossy_name is None:
+            raise UsageError(f"{a.label} modules depend on the base weights and cannot become LoRA", lora.path)
         if lossy_rank is None:
-            raise UsageError(f"{LOSSY[kind]} modules need --lossy-rank N to become LoRA (a lossy SVD)", lora.path)
+            raise UsageError(f"{a.lossy_name} modules need --lossy-rank N to become LoRA (a lossy SVD)", lora.path)
 
 
 def output_lora(first: Lora, modules: list[Module], mem: MemorySource) -> Lora:
@@ -155,10 +154,10 @@ def resize(lora: Lora, *, rank: int | None = None, dynamic=None, max_rank: int |
     with cpu_threads(dev), nonfinite_reported([lora], allow_nonfinite):
         for i, m in enumerate(lora.modules):
             row = {"name": m.name, "component": m.component, "type": m.adapter.label, "old_rank": m.rank}
-            if is_vector(m):
+            if m.adapter.is_vector:
                 modules[i] = copy_module(m, mem, out_dtype)
                 rows[i] = {**row, "action": "kept", "new_rank": None, "retained": 1.0, "error": 0.0}
-            elif m.adapter.kind == "lora" and rule.dynamic is None and m.rank <= _fixed_target(rule):
+            elif m.adapter.exact_lora and rule.dynamic is None and m.rank <= _fixed_target(rule):
                 modules[i], rows[i] = _copied(m, mem, out_dtype, row)
             else:
                 with svd_of(m.name, lora.path):  # a lossy conversion's dense SVD, here
@@ -288,7 +287,7 @@ def to_lora(lora: Lora, lossy_rank: int, device="auto") -> tuple[Lora, list[str]
     mem, modules, notes = MemorySource(), [], []
     with cpu_threads(dev):
         for m in lora.modules:
-            if m.adapter.kind == "lora" or is_vector(m):
+            if m.adapter.exact_lora or m.adapter.is_vector:
                 modules.append(m)
                 continue
             with svd_of(m.name, lora.path):

@@ -16,7 +16,7 @@ import numpy as np
 from loratools.io.reader import DTYPE_SIZES
 from loratools.model import Module
 from loratools.ops.lowrank import truncation
-from loratools.ops.resize import BIAS_ROLES, LOSSY, RankRule, is_vector
+from loratools.ops.resize import BIAS_ROLES, RankRule
 
 QUANTILES = (0.1, 0.5, 0.9)
 DEFAULT_DYNAMIC = ("sv_fro:0.99", "sv_fro:0.9", "sv_ratio:10")
@@ -136,8 +136,8 @@ def resize_refusals(items: list[Measured], lora) -> list[str]:
             out.append(f"{m.name}: NaN/Inf values (resize refuses them)")
         elif m.magnitude is not None:
             out.append(f"{m.name}: DoRA needs the base weights")
-        elif m.adapter.kind not in ("lora", "norm") and not is_vector(m):
-            what = LOSSY.get(m.adapter.kind)
+        elif not (m.adapter.exact_lora or m.adapter.is_vector):
+            what = m.adapter.lossy_name
             out.append(f"{m.name}: {what} needs --lossy-rank" if what else f"{m.name}: {m.adapter.label} depends on "
                        "the base weights")
     return out
@@ -154,12 +154,12 @@ def predict(rule: RankRule, items: list[Measured]) -> dict:
     for it in items:
         m = it.module
         p, b = _size(m)
-        if is_vector(m):
+        if m.adapter.is_vector:
             actions["kept"] += 1
             retained.append(1.0)
             p0, b0, p1, b1 = p0 + p, b0 + b, p1 + p, b1 + b
             continue
-        if m.adapter.kind != "lora" or it.spectrum is None:
+        if not m.adapter.exact_lora or it.spectrum is None:
             continue
         p0, b0 = p0 + p, b0 + b
         s = it.spectrum
