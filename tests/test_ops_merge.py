@@ -9,7 +9,7 @@ from loratools.errors import ShapeMismatch, UsageError
 from loratools.model import MemorySource
 from loratools.ops.merge import merge
 from synth import synthesize
-from test_ops_resize import (DEVICES, F64, dense, loha, lora_of, make_module, mixed_modules, one_per_shape,  # noqa: F401
+from test_ops_resize import (DEVICES, F64, assert_rows_match, dense, loha, lora_of, make_module, mixed_modules, one_per_shape,  # noqa: F401
                              optimal_error, rand_lora, small_batches, svdvals)  # (small_batches: a fixture)
 
 
@@ -72,7 +72,7 @@ def test_a_batched_svd_merge_gives_each_module_what_it_gets_alone(small_batches,
         alone_items = [(lora_of(*[m for m in lora.modules if m.name == got.name]), w) for lora, w in items]
         alone, alone_report = merge([it for it in alone_items if it[0].modules], method="svd", lossy_rank=6, **kwargs)
         want = alone.modules[0]
-        assert row == pytest.approx({**alone_report["modules"][0], "sources": row["sources"]}, rel=1e-6)
+        assert_rows_match(row, {**alone_report["modules"][0], "sources": row["sources"]}, rel=1e-6)
         for role, ref in want.adapter.tensors.items():
             x, y = got.adapter.t(role).torch().double(), ref.torch().double()
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * float(y.abs().max()))
