@@ -3,27 +3,36 @@ which exports these too)."""
 
 from __future__ import annotations
 
+import math
 import os
 
 from loratools.model import Lora
 
 
-def _lora_spec(spec) -> tuple[str, float]:
+FLOAT32_MAX = 3.4028234663852886e38  # strengths scale float32 products: a larger one is Inf there
+
+
+def lora_spec(spec) -> tuple[str, float]:
     """``path``, ``(path, strength)`` or ``"path:strength"`` (the suffix counts only when it is a number and
-    the whole text is not an existing path)."""
+    the whole text is not an existing path); a strength that is not a finite float32 number is refused."""
     from loratools.errors import UsageError
 
     if isinstance(spec, (tuple, list)):
         path, strength = spec
-        return os.fspath(path), float(strength)
-    text = os.fspath(spec)
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not os.path.exists(text):
-        try:
-            return head, float(tail)
-        except ValueError:
-            raise UsageError(f"strength must be a number in PATH:STRENGTH, got {tail!r}", text) from None
-    return text, 1.0
+        path, text = os.fspath(path), f"{os.fspath(path)}:{strength}"
+    else:
+        text = os.fspath(spec)
+        head, sep, strength = text.rpartition(":")
+        if not (sep and head and not os.path.exists(text)):
+            return text, 1.0
+        path = head
+    try:
+        value = float(strength)
+    except (TypeError, ValueError):
+        raise UsageError(f"strength must be a number in PATH:STRENGTH, got {strength!r}", text) from None
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        raise UsageError(f"strength {strength!r} is not a finite (float32) number", path)
+    return path, value
 
 
 def _sha256(path: str) -> str | None:
@@ -56,7 +65,7 @@ def bake(base: str | os.PathLike, loras, output: str | os.PathLike, *, dtype: st
     from loratools.ops.placement import base_family
     from loratools.ops.validate import check_writable
 
-    specs = [_lora_spec(s) for s in ([loras] if isinstance(loras, (str, os.PathLike)) else loras)]
+    specs = [lora_spec(s) for s in ([loras] if isinstance(loras, (str, os.PathLike)) else loras)]
     with ExitStack() as stack:
         base_model = stack.enter_context(open_base(base))
         told = base_family(base_model)

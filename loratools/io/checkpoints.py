@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 
-from loratools.errors import FormatError, UnsafeFileError
+from loratools.errors import FormatError, LoraToolsError, UnsafeFileError
 from loratools.io.pickled import looks_pickled
 from loratools.io.reader import Header, SafetensorsFile
 
@@ -37,7 +38,7 @@ class Base:
         self.path = os.fspath(path)
         self.is_folder = os.path.isdir(self.path)
         self.files: list[BaseFile] = []
-        self.indexes: list[str] = []  # rel paths of *.safetensors.index.json
+        self.indexes: dict[str, dict] = {}  # rel paths of *.safetensors.index.json -> their contents
         self.others: list[str] = []  # rel paths of files copied as they are (configs, tokenizers)
         if self.is_folder:
             self._scan()
@@ -54,7 +55,11 @@ class Base:
             raise FormatError("the base holds no tensors", self.path)
 
     def _scan(self) -> None:
-        for root, dirs, names in os.walk(self.path):
+        def unreadable(e: OSError):
+            raise FormatError(f"cannot read folder {os.path.relpath(e.filename, self.path)} ({e.strerror})",
+                              self.path)
+
+        for root, dirs, names in os.walk(self.path, onerror=unreadable):
             dirs[:] = sorted(d for d in dirs if not d.startswith("."))
             for name in sorted(names):
                 full = os.path.join(root, name)
@@ -62,10 +67,14 @@ class Base:
                 if name.endswith(".safetensors"):
                     component = os.path.relpath(root, self.path)
                     self.files.append(BaseFile(rel, "" if component == "." else component, SafetensorsFile(full)))
-                elif name.endswith(".safetensors.index.json"):
-                    self.indexes.append(rel)
-                elif not name.startswith("."):
-                    self.others.append(rel)
+                elif name.startswith("."):
+                    continue
+                else:
+                    _check_regular(full, rel, self.path)  # copied as it is: a device or a pipe would never end
+                    if name.endswith(".safetensors.index.json"):
+                        self.indexes[rel] = _read_index(full, rel, self.path)
+                    else:
+                        self.others.append(rel)
         if not self.files:
             raise FormatError("no .safetensors files in the base folder", self.path)
 
@@ -100,13 +109,51 @@ def open_base(path) -> Base:
     return Base(path)
 
 
-def rewrite_index(src: str, dest: str, sizes: dict[str, int], dropped: set[str] = frozenset()) -> None:
+MAX_INDEX_BYTES = 64 << 20  # a shard index lists tensor names: a few MB for the largest models
+
+
+def _check_regular(full: str, rel: str, base: str) -> None:
+    try:
+        mode = os.stat(full).st_mode  # through symlinks: what would be read
+    except OSError as e:
+        raise FormatError(f"cannot read {rel} ({e.strerror})", base) from None
+    if not stat.S_ISREG(mode):
+        raise FormatError(f"{rel} is not a regular file (a device, pipe or socket is not copied)", base)
+
+
+def _read_index(full: str, rel: str, base: str) -> dict:
+    """A shard index's contents, checked before anything is written: a JSON object whose ``weight_map`` and
+    ``metadata``, when present, are objects."""
+    try:
+        with open(full, "rb") as f:
+            raw = f.read(MAX_INDEX_BYTES + 1)
+        if len(raw) > MAX_INDEX_BYTES:
+            raise FormatError(f"{rel} is larger than {MAX_INDEX_BYTES >> 20} MiB", base)
+        index = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise FormatError(f"{rel} is nested too deeply", base) from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{rel} is not a valid shard index ({e})", base) from None
+    if not isinstance(index, dict) or not all(isinstance(index.get(k, {}), dict) for k in ("weight_map", "metadata")):
+        raise FormatError(f"{rel} is not a valid shard index (an object with weight_map and metadata objects)", base)
+    return index
+
+
+def rewrite_index(index: dict, dest: str, sizes: dict[str, int], dropped: set[str] = frozenset()) -> None:
     """A shard index with the same weight map (less the ``dropped`` tensors) and the total size of the rewritten
     shards."""
-    with open(src, encoding="utf-8") as f:
-        index = json.load(f)
-    index.setdefault("metadata", {})["total_size"] = sum(sizes.values())
-    if dropped and isinstance(index.get("weight_map"), dict):
+    index = {**index, "metadata": {**index.get("metadata", {}), "total_size": sum(sizes.values())}}
+    if dropped and "weight_map" in index:
         index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in dropped}
     with open(dest, "w", encoding="utf-8") as f:
         json.dump(index, f, indent=2)
+
+
+def copy_file(src: str, dest: str) -> None:
+    """Copy a base folder's file as it is; a failure is one line naming the file."""
+    import shutil
+
+    try:
+        shutil.copyfile(src, dest)
+    except OSError as e:
+        raise LoraToolsError(f"cannot copy {os.path.basename(src)} ({e.strerror or e})", src) from None

@@ -12,18 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 from loratools.errors import FormatError, LoraToolsError, ShapeMismatch, UsageError
 from loratools.families import Family
-from loratools.io.checkpoints import Base, rewrite_index
+from loratools.io.checkpoints import Base, copy_file, rewrite_index
 from loratools.io.reader import DTYPE_SIZES, TORCH_DTYPES
 from loratools.model import Lora, Module
 from loratools.ops.canonical import canonicalize
-from loratools.ops.patch import Patch, bias_of, cpu_products, patch_tensor
+from loratools.ops.patch import Patch, bias_of, cast_checked, cpu_products, patch_tensor
 from loratools.ops.pipeline import Pipeline
 from loratools.ops.placement import Placement, base_family, locate
 from loratools.ops.quant import dequantised, dropped_when_widened, quantised, weight_scale_key
@@ -155,7 +154,7 @@ def _file_items(bf, patches, device, wanted, result: BakeResult, pipe: Pipeline)
                          lambda t=todo: cpu_products(t, device)))
             result.patched_tensors += 1
         elif dtype != info.dtype:
-            jobs.append((name, lambda w, d=torch_dtype: w.to(d)))
+            jobs.append((name, lambda w, d=torch_dtype, k=key: cast_checked(w, d, k)))
             result.copied_tensors += 1
         else:  # byte for byte, copied file to file by the writer
             result.copied_tensors += 1
@@ -185,7 +184,7 @@ def _scaled(w, todo: list[Patch], scale, out_dtype, key: str, device, warnings: 
         x = patch_tensor(x, todo, device, torch.float32)
     if out_dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         return quantised(x, scale, out_dtype, key, warnings)
-    return x.to(out_dtype)
+    return cast_checked(x, out_dtype, key)
 
 
 @contextlib.contextmanager
@@ -223,7 +222,7 @@ def _write_folder(base: Base, patches, tmp: str, metadata: dict, device, wanted,
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         before = result.bytes_written
         if _untouched(bf, patches, wanted):  # a component no LoRA adapts: the file as it is
-            shutil.copyfile(os.path.join(base.path, bf.rel), dest)
+            copy_file(os.path.join(base.path, bf.rel), dest)
             result.copied_tensors += len(bf.header.tensors)
             result.bytes_written += sum(i.nbytes for i in bf.header.tensors.values())
             sizes[bf.rel] = result.bytes_written - before
@@ -232,17 +231,17 @@ def _write_folder(base: Base, patches, tmp: str, metadata: dict, device, wanted,
             items = _file_items(bf, patches, device, wanted, result, pipe)
             write_safetensors(dest, items, {**bf.header.metadata, **metadata}, sync=sync)
         sizes[bf.rel] = result.bytes_written - before
-    for rel in base.indexes:
+    for rel, index in base.indexes.items():
         folder = os.path.dirname(rel)
         shard_sizes = {r: n for r, n in sizes.items() if os.path.dirname(r) == folder}
         component = folder.replace(os.sep, "/")
         gone = {k.split("/", 1)[1] if component else k for k in dropped
                 if (k.split("/", 1)[0] == component if component else "/" not in k)}
-        rewrite_index(os.path.join(base.path, rel), os.path.join(tmp, rel), shard_sizes, gone)
+        rewrite_index(index, os.path.join(tmp, rel), shard_sizes, gone)
     for rel in base.others:
         dest = os.path.join(tmp, rel)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copyfile(os.path.join(base.path, rel), dest)
+        copy_file(os.path.join(base.path, rel), dest)
 
 
 def _untouched(bf, patches, wanted) -> bool:

@@ -172,19 +172,37 @@ def patch_tensor(w, patches: list[Patch], device, out_dtype, in_place: bool = Fa
 def _check_range(out, x, patches: list[Patch]) -> None:
     """Refuse a patched weight that the narrowing to its dtype made Inf (``x``: the float32 result, finite when
     base and LoRA were): a baked checkpoint full of Inf is no model. NaN/Inf already in ``x`` pass through."""
+    if overflowed(out, x):
+        names = ", ".join(dict.fromkeys(p.module.name for p in patches))
+        raise FormatError(f"baking {names} puts weights beyond {str(out.dtype).removeprefix('torch.')}'s range "
+                          "(Inf); bake with a wider --dtype or a lower strength")
+
+
+def overflowed(out, x) -> bool:
+    """Whether narrowing ``x`` to ``out`` made finite values Inf (NaN/Inf already in ``x`` do not count)."""
     import torch
 
     if out.is_floating_point() and x.numel():
         lo, hi = torch.aminmax(x)  # one pass, no temporaries: what the isfinite tests below cost many times over
         limit = torch.finfo(out.dtype).max
         if -limit <= lo.item() and hi.item() <= limit:  # all within the dtype's range (a NaN fails both tests)
-            return
+            return False
+    if not out.is_floating_point():
+        return False
     wide = out.float() if out.element_size() == 1 else out  # torch has no isfinite for float8
-    if bool(torch.isfinite(wide).all()) or not bool(torch.isfinite(x).all()):
-        return
-    names = ", ".join(dict.fromkeys(p.module.name for p in patches))
-    raise FormatError(f"baking {names} puts weights beyond {str(out.dtype).removeprefix('torch.')}'s range (Inf); "
-                      "bake with a wider --dtype or a lower strength")
+    return not bool(torch.isfinite(wide).all()) and bool(torch.isfinite(x).all())
+
+
+def cast_checked(x, dtype, key: str):
+    """An unpatched weight ``x`` cast to ``dtype`` (``--dtype``); refused when the cast turns finite values Inf."""
+    import torch
+
+    out = x.to(dtype)
+    narrows = x.is_floating_point() and out.is_floating_point() and torch.finfo(dtype).max < torch.finfo(x.dtype).max
+    if narrows and overflowed(out, x):
+        raise FormatError(f"casting {key} to {str(dtype).removeprefix('torch.')} puts weights beyond its range "
+                          "(Inf); bake with a wider --dtype")
+    return out
 
 
 def cpu_products(patches: list[Patch], device) -> list | None:

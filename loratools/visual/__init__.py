@@ -23,30 +23,15 @@ class ReportResult:
     data: dict  # what the page embeds (``data.report_data``)
 
 
-def _spec(spec) -> tuple[str, float]:
-    """``path``, ``(path, strength)`` or ``"path:strength"`` (the suffix counts only when it is a number and the
-    whole text is not an existing path)."""
-    if isinstance(spec, (tuple, list)):
-        path, strength = spec
-        return os.fspath(path), float(strength)
-    text = os.fspath(spec)
-    head, sep, tail = text.rpartition(":")
-    if sep and head and not os.path.exists(text):
-        try:
-            return head, float(tail)
-        except ValueError:
-            raise UsageError(f"strength must be a number in PATH:STRENGTH, got {tail!r}", text) from None
-    return text, 1.0
-
-
 def _specs(paths) -> list[tuple[str, float]]:
     """(path, strength) of every LoRA named; a plain folder stands for the LoRA files in it (as for inspect)."""
+    from loratools.api_checkpoints import lora_spec
     from loratools.io.sources import expand_paths
 
     items = [paths] if isinstance(paths, (str, os.PathLike, tuple)) else list(paths)
     if not items:
         raise UsageError("no LoRA files given")
-    return [(found, strength) for path, strength in map(_spec, items) for found in expand_paths([path])]
+    return [(found, strength) for path, strength in map(lora_spec, items) for found in expand_paths([path])]
 
 
 def collect(paths, *, ranks=None, dynamic=None, family: str | None = None, allow_pickle: bool = False,
@@ -72,7 +57,9 @@ def _first(paths: list) -> str:
     """The first path as given (a folder names the page after itself)."""
     if not paths:
         raise UsageError("no LoRA files given")
-    return _spec(paths[0])[0]
+    from loratools.api_checkpoints import lora_spec
+
+    return lora_spec(paths[0])[0]
 
 
 def _destination(first: str, output, suffix: str, inputs: list[str]) -> Path:
