@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import asdict, is_dataclass
 
@@ -96,10 +97,20 @@ def training(lora: Lora) -> dict:
     }
 
 
+def _file_hashes(src) -> dict:
+    from loratools.io.hashing import file_hashes
+
+    header = getattr(src, "header", None)
+    return file_hashes(str(src.path), header.data_start if header is not None else None)
+
+
 def hashes(lora: Lora) -> dict:
     from loratools.io.hashing import file_hashes
 
     src = lora.source
+    parts = getattr(src, "sources", None)
+    if parts is not None:  # a folder of PEFT adapters, one per component: each weights file has its own hashes
+        return {"files": {os.path.relpath(str(part.path), str(lora.path)): _file_hashes(part) for part in parts}}
     header = getattr(src, "header", None)
     path = getattr(src, "path", lora.path)
     out = file_hashes(str(path), header.data_start if header is not None else None)

@@ -86,8 +86,11 @@ def print_inspect(info: dict, top: int = 20, console: Console | None = None) -> 
         grid.add_row(k, str(n))
     if "hashes" in info:
         h = info["hashes"]
-        grid.add_row("sha256", h["sha256"])
-        grid.add_row("AutoV2", h["autov2"])
+        for rel, fh in h.get("files", {}).items():  # a folder of adapters: one line per weights file
+            grid.add_row("sha256", f"{fh['sha256']}  {rel}")
+        if "sha256" in h:
+            grid.add_row("sha256", h["sha256"])
+            grid.add_row("AutoV2", h["autov2"])
         if "autov3" in h:
             grid.add_row("AutoV3", h["autov3"] + ("" if h.get("embedded_matches", True) else
                                                      "  (embedded sshs_model_hash is stale)"))

@@ -59,6 +59,24 @@ def test_hashes_match_hashlib():
     assert h["autov3"] == hashlib.sha256(data[8 + n:]).hexdigest()[:12]
 
 
+def test_a_folder_of_peft_adapters_gets_the_hashes_of_each_weights_file(tmp_path):
+    """`convert --to peft` writes one adapter folder per component; the folder has no single file to hash."""
+    import loratools
+
+    out = loratools.convert(EXAMPLE, to="peft", output=tmp_path / "bundle/").output
+    weights = os.path.join(out, "unet", "adapter_model.safetensors")
+    r = run(out, "--hash", "--json")
+    assert r.exit_code == 0, r.output
+    files = json.loads(r.output)[0]["hashes"]["files"]
+    data = open(weights, "rb").read()
+    n = struct.unpack("<Q", data[:8])[0]
+    assert list(files) == [os.path.join("unet", "adapter_model.safetensors")]
+    assert files[os.path.join("unet", "adapter_model.safetensors")]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert files[os.path.join("unet", "adapter_model.safetensors")]["autov3"] == hashlib.sha256(data[8 + n:]).hexdigest()[:12]
+    r = run(out, "--hash")
+    assert r.exit_code == 0 and hashlib.sha256(data).hexdigest()[:20] in r.output
+
+
 def test_layers_lists_every_module():
     [info] = json.loads(run(EXAMPLE, "--layers", "--json").output)
     assert len(info["layers"]) == 280
