@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import asdict
 
@@ -88,10 +89,11 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
     if not paths:
         raise UsageError("give the LoRA files or folders to convert (PATHS), or --from-catalogue")
 
-    files = expand_paths(paths)
-    many = len(files) > 1
-    work = [(f, to, output, family, dtype, overwrite, allow_pickle, many, lossy_rank, sync_requested(),
-             uniform_alpha, kohya_names, allow_nonfinite) for f in files]
+    found = [(f, _mirrored(output, p, f)) for p in paths for f in expand_paths([p])]
+    many = len(found) > 1
+    _check_distinct(found, to, many)
+    work = [(f, to, out, family, dtype, overwrite, allow_pickle, many, lossy_rank, sync_requested(),
+             uniform_alpha, kohya_names, allow_nonfinite) for f, out in found]
     results = _run(work, jobs, show=not as_json and sys.stderr.isatty())
     failed = [r for r in results if not r["ok"]]
     for r in failed:
@@ -107,6 +109,29 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
         report.print_convert(results)
     if failed:
         sys.exit(2 if len(failed) == len(results) else 1)
+
+
+def _mirrored(output: str | None, given: str, found: str) -> str | None:
+    """``-o`` for a file found inside the folder ``given``: the same subfolder under it, so files of one name in
+    different folders do not meet at one output."""
+    if output is None or found == given or not os.path.isdir(given):
+        return output
+    sub = os.path.relpath(os.path.dirname(found), given)
+    return output if sub == os.curdir else os.path.join(output, sub) + os.sep
+
+
+def _check_distinct(found: list[tuple[str, str | None]], to: str, many: bool) -> None:
+    """Refuse, before anything is written, two inputs whose outputs would have the same path."""
+    from loratools.errors import UsageError
+    from loratools.ops.convert import output_path
+
+    seen: dict[str, str] = {}
+    for f, out in found:
+        dest = os.path.abspath(output_path(f, to, out, many))
+        if dest in seen:
+            raise UsageError(f"{seen[dest]} and {f} would both be written to {dest}; convert them separately or "
+                             "into different folders")
+        seen[dest] = f
 
 
 def _one_line(r: dict) -> str:

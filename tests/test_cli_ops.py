@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -15,6 +16,7 @@ import loratools
 from loratools.cli import cli
 from loratools.cli_ops import parse_weighted
 from loratools.errors import UsageError
+from loratools.io.writer import write_safetensors
 
 
 def cli_run(*args):
@@ -154,3 +156,18 @@ def test_sync_flag_flushes_new_outputs(sdxl, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     assert len(synced) == 2  # the file and its folder
     assert loratools.verify(sdxl, tmp_path / "b.safetensors").equal
+
+
+def test_a_family_refusal_after_resize_or_merge_names_the_input(tmp_path):
+    """The keys of a one-module SD UNet LoRA fit sd1, sd2 and sdxl alike: the refusal names the file the user gave."""
+    stem = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = np.random.default_rng(0)
+    path = tmp_path / "amb.safetensors"
+    write_safetensors(path, [(f"{stem}.lora_up.weight", "F32", (640, 4), g.random((640, 4), np.float32)),
+                             (f"{stem}.lora_down.weight", "F32", (4, 640), g.random((4, 640), np.float32)),
+                             (f"{stem}.alpha", "F32", (), np.array(4, np.float32))])
+    for args in (("resize", path, "--rank", 2), ("merge", path, path)):
+        r = process(*args, "-o", tmp_path / "out.safetensors")
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.startswith(f"loratools: error: {path}: cannot tell the base-model family"), r.stderr
+        assert "<memory>" not in r.stderr and not (tmp_path / "out.safetensors").exists()

@@ -15,7 +15,7 @@ from synth import layout, lora_layouts, synthesize, write_peft_folder
 
 import loratools
 from loratools.cli import cli
-from loratools.errors import FormatError, LoraToolsError, UnknownFamily
+from loratools.errors import FormatError, LoraToolsError, UnknownFamily, UsageError
 from loratools.io.reader import SafetensorsFile
 from loratools.io.writer import write_safetensors
 
@@ -309,6 +309,27 @@ def test_cli_batch_with_a_bad_file(tmp_path, f32_layout):
     report = json.loads(res.stdout)
     assert sorted(r["ok"] for r in report) == [False, True, True]
     assert sorted(os.listdir(tmp_path / "out")) == ["sd15.diffusers.safetensors", "sdxl.diffusers.safetensors"]
+
+
+def test_a_folder_converts_into_the_same_subfolders_and_colliding_outputs_are_refused(tmp_path):
+    """Files of one name in different subfolders keep apart under -o; two inputs that would still meet at one
+    output are refused before anything is written."""
+    tree = tmp_path / "tree"
+    for sub, seed in (("a", 1), ("b", 2)):
+        (tree / sub).mkdir(parents=True)
+        synthesize("sd15__kohya__safetensorsutil-keys-only.json", tree / sub / "x.safetensors", seed=seed)
+    synthesize("sdxl__kohya__invokeai-slider-keys-only.json", tree / "top.safetensors")
+    res = CliRunner().invoke(cli, ["convert", str(tree), "--to", "comfy", "-o", str(tmp_path / "out"), "--json"])
+    assert res.exit_code == 0, res.output
+    got = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.safetensors"))
+    assert got == [os.path.join("a", "x.comfy.safetensors"), os.path.join("b", "x.comfy.safetensors"),
+                   "top.comfy.safetensors"]
+    for sub in ("a", "b"):  # each output is its own input's conversion
+        assert loratools.verify(tree / sub / "x.safetensors", tmp_path / "out" / sub / "x.comfy.safetensors").equal
+    res = CliRunner().invoke(cli, ["convert", str(tree / "a" / "x.safetensors"), str(tree / "b" / "x.safetensors"),
+                                   "--to", "comfy", "-o", str(tmp_path / "flat")])
+    assert isinstance(res.exception, UsageError) and "would both be written to" in str(res.exception)  # exit 2
+    assert not (tmp_path / "flat").exists()
 
 
 def test_cli_reports_one_file_in_a_line_and_many_in_a_table(tmp_path):

@@ -87,14 +87,15 @@ def check_modules(lora: Lora, lossy_rank: int | None) -> None:
 
 
 def output_lora(first: Lora, modules: list[Module], mem: MemorySource) -> Lora:
-    """The result as a normal Lora over in-memory tensors, with the first input's format and metadata.
+    """The result as a normal Lora over in-memory tensors, with the first input's path (what messages about
+    it name), format and metadata.
 
     A PEFT ``config`` is not carried: its ``r``/``lora_alpha``/``use_rslora`` describe the input's modules, and
     a writer must derive them from the new ones.
     """
     meta = {k: v for k, v in first.metadata.items() if k not in _STALE_METADATA}
     tensors = {ref.key: ref for m in modules for ref in m.adapter.tensors.values()}
-    return Lora(path=MemorySource.path, format=first.format, modules=modules, metadata=meta,
+    return Lora(path=first.path, format=first.format, modules=modules, metadata=meta,
                 family=first.family, tensors=tensors, source=mem, size_bytes=size_of(modules)[1])
 
 
