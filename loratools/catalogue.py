@@ -26,7 +26,8 @@ RECORD_VERSION = 1  # bumped when a record's fields change: older records are th
 def walk(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
     """Every LoRA-like file and adapter folder under ``paths``, each once: symlinked folders are followed, but a
     folder already seen (a loop, or two links to one place) is not walked again, and a file reached twice (a
-    link, or a root inside another) is listed once."""
+    link, or a root inside another) is listed once. A folder that cannot be listed is listed itself, so that its
+    record says why (the inventory is never silently incomplete)."""
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set = set()
 
@@ -40,12 +41,16 @@ def walk(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
             seen_files.add(key)
             yield p
 
+    unreadable: list[str] = []  # folders os.walk could not list: listed, to be reported as unreadable
+
     for raw in paths:
         root = os.fspath(raw)
         if not os.path.isdir(root):
             yield from emit(root)
             continue
-        for folder, dirs, files in os.walk(root, followlinks=True):
+        for folder, dirs, files in os.walk(root, followlinks=True, onerror=lambda e: unreadable.append(e.filename)):
+            while unreadable:
+                yield from emit(unreadable.pop(0))
             st = os.stat(folder)
             if (st.st_dev, st.st_ino) in seen_dirs:
                 dirs[:] = []
@@ -59,6 +64,8 @@ def walk(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
             for name in sorted(files):
                 if name.endswith(".safetensors") or _pickle_name(name):
                     yield from emit(os.path.join(folder, name))
+        while unreadable:
+            yield from emit(unreadable.pop(0))
 
 
 def _pickle_name(path: str) -> bool:
@@ -76,11 +83,15 @@ def _stat_entry(path: str) -> tuple[int, int, bool]:
     if not stat.S_ISDIR(st.st_mode):
         return st.st_size, st.st_mtime_ns, False
     size, mtime = 0, st.st_mtime_ns
-    for folder, _, files in os.walk(path):
+    for folder, _, files in os.walk(path, onerror=_raise):
         for name in files:
             st = os.stat(os.path.join(folder, name))
             size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
     return size, mtime, True
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
 
 
 def _contradictions(info: dict) -> list[str]:
@@ -170,27 +181,82 @@ def _safe_one(args: tuple[str, bool]) -> dict:
                 "version": RECORD_VERSION}
 
 
-def read_catalogue(path: str | os.PathLike) -> dict[str, dict]:
-    """Records of an existing catalogue by path (lines or rows that are not records are skipped)."""
+def read_catalogue(path: str | os.PathLike, *, strict: bool = False, missing_ok: bool = True) -> dict[str, dict]:
+    """Records of an existing catalogue by path, a relative path taken from the catalogue's folder. A file that is
+    not a catalogue (a line that is not a record: no ``path`` and ``version``) is refused. A record that is not
+    what scan writes is kept, for a rerun to read its file again; ``strict`` refuses it instead, naming its line.
+    A missing catalogue is empty, or refused when not ``missing_ok``."""
     out: dict[str, dict] = {}
+    parquet = str(path).endswith(".parquet")
     try:
-        if str(path).endswith(".parquet"):
+        if parquet:
             texts = _parquet_records(path)
         else:
             with open(path, encoding="utf-8") as f:
-                texts = f.readlines()
-        for text in texts:
-            try:
-                rec = json.loads(text)
-            except (TypeError, ValueError):
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("path"), str):
-                out[rec["path"]] = rec
+                texts = f.read().splitlines()
     except FileNotFoundError:
-        pass
+        if missing_ok:
+            return out
+        raise LoraToolsError("no such catalogue (write one with loratools scan -o)", path) from None
+    except UnicodeDecodeError:
+        raise LoraToolsError("not a loratools scan catalogue (not UTF-8 text)", path) from None
     except OSError as exc:
         raise LoraToolsError(f"cannot read the catalogue ({exc.strerror or exc})", path) from None
+    folder = os.path.dirname(os.path.abspath(path))
+    for number, text in enumerate(texts, 1):
+        where = f"{'row' if parquet else 'line'} {number}"
+        if not parquet and not text.strip():
+            continue
+        try:
+            rec = json.loads(text)
+        except (TypeError, ValueError):
+            rec = None
+        if not (isinstance(rec, dict) and isinstance(rec.get("path"), str) and "version" in rec):
+            raise LoraToolsError(f"not a loratools scan catalogue ({where} is not a scan record); remove it or "
+                                 "choose another name", path)
+        problem = record_problem(rec)
+        if problem and strict:
+            raise LoraToolsError(f"{where}: not a record scan writes ({problem}); rerun loratools scan -o on it to "
+                                 "refresh it", path)
+        rec["path"] = os.path.abspath(os.path.join(folder, rec["path"]))  # an absolute one stays as it is
+        out[rec["path"]] = rec
     return out
+
+
+KINDS = ("lora", "checkpoint", "pickle", "broken")
+
+
+def record_problem(r: dict) -> str | None:
+    """What is wrong with the shape of a record (the fields summaries and catalogues read), or None."""
+    def num(v, optional=True) -> bool:
+        return (v is None and optional) or (isinstance(v, int) and not isinstance(v, bool))
+
+    def text(v) -> bool:
+        return v is None or isinstance(v, str)
+
+    info, hashes = r.get("info"), r.get("hashes")
+    checks = [
+        (r.get("kind") in KINDS, "kind"), (num(r.get("version"), False), "version"),
+        (num(r.get("size")) and num(r.get("mtime_ns")), "size"), (text(r.get("error")), "error"),
+        (isinstance(r.get("problems", []), list) and all(isinstance(x, str) for x in r.get("problems", [])),
+         "problems"),
+        (hashes is None or (isinstance(hashes, dict) and all(text(v) for v in hashes.values())), "hashes"),
+        (info is None or r.get("kind") == "lora", "info"), (r.get("kind") != "checkpoint" or text(r.get("family")),
+                                                           "family"),
+    ]
+    if r.get("kind") == "lora":
+        family = info.get("family") if isinstance(info, dict) else None
+        rank = info.get("rank") if isinstance(info, dict) else None
+        checks += [(isinstance(info, dict), "info"),
+                   (isinstance(family, dict) and isinstance(family.get("id"), str) and text(family.get("variant")),
+                    "info.family"),
+                   (isinstance(info, dict) and isinstance(info.get("format"), str), "info.format"),
+                   (isinstance(info, dict) and num(info.get("modules")), "info.modules"),
+                   (isinstance(info, dict) and isinstance(info.get("adapters") or {}, dict)
+                    and all(num(n, False) for n in (info.get("adapters") or {}).values()), "info.adapters"),
+                   (rank is None or (isinstance(rank, dict) and num(rank.get("common"))), "info.rank")]
+    bad = [name for ok, name in checks if not ok]
+    return f"{bad[0]} has the wrong type or value" if bad else None
 
 
 def _pyarrow(path):
@@ -229,8 +295,8 @@ def _row(r: dict) -> dict:
 
 
 def _unchanged(old: dict | None, path: str, hashes: bool) -> bool:
-    if old is None or old.get("version") != RECORD_VERSION or (hashes and old.get("kind") != "broken"
-                                                               and not old.get("hashes")):
+    if old is None or old.get("version") != RECORD_VERSION or record_problem(old) or (
+            hashes and old.get("kind") not in ("broken", "pickle") and not old.get("hashes")):  # pickles get none
         return False
     try:
         return (old.get("size"), old.get("mtime_ns")) == file_stat(path)
@@ -240,11 +306,18 @@ def _unchanged(old: dict | None, path: str, hashes: bool) -> bool:
 
 def scan(paths: Iterable[str | os.PathLike], catalogue: str | os.PathLike | None = None, *, hashes: bool = False,
          jobs: int = 1) -> list[dict]:
-    """Records for every LoRA-like file under ``paths`` (see ``inspect_one``). With ``catalogue`` (a .jsonl path),
-    files whose size and mtime did not change keep their old record, and the catalogue is rewritten atomically
-    with the new records when any changed (files that are gone are dropped)."""
-    files = list(walk(paths))
+    """Records for every LoRA-like file under ``paths`` (see ``inspect_one``), by absolute path. With ``catalogue``
+    (a .jsonl or .parquet path), files whose size and mtime did not change keep their old record, and the catalogue
+    is rewritten atomically with the new records when any changed (files that are gone are dropped). A path that
+    does not exist, or a catalogue file that is not one, is refused (LoraToolsError) before anything is read."""
+    given = [os.fspath(p) for p in paths]
+    for path in given:
+        if not os.path.exists(path):
+            raise LoraToolsError("no such file or folder" + (" (a broken link)" if os.path.islink(path) else ""),
+                                 path)
+    roots = [os.path.abspath(p) for p in given]
     old = read_catalogue(catalogue) if catalogue is not None else {}
+    files = list(walk(roots))
     todo = [p for p in files if not _unchanged(old.get(p), p, hashes)]
     fresh: dict[str, dict] = {}
     if jobs > 1 and len(todo) > 1:
@@ -281,8 +354,8 @@ def write_catalogue(path: str | os.PathLike, records: list[dict]) -> None:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Counts per family × format, adapter types, size, duplicates by content hash, broken and contradictory
-    files."""
+    """Counts per family × format, adapter types, size, duplicates by content hash, broken files (unreadable or
+    invalid), pickles (listed, never read) and files whose metadata contradicts their tensors."""
     by_family_format: Counter = Counter()
     adapters: Counter = Counter()
     kinds: Counter = Counter()
@@ -300,7 +373,8 @@ def summarize(records: list[dict]) -> dict:
         "files": len(records), "kinds": dict(kinds), "size_bytes": sum(r.get("size") or 0 for r in records),
         "family_format": dict(by_family_format.most_common()), "adapters": dict(adapters.most_common()),
         "duplicates": [sorted(paths) for paths in by_content.values() if len(paths) > 1],
-        "broken": [{"path": r["path"], "error": r["error"]} for r in records if r.get("kind") in ("broken", "pickle")],
+        "broken": [{"path": r["path"], "error": r["error"]} for r in records if r.get("kind") == "broken"],
+        "pickles": [r["path"] for r in records if r.get("kind") == "pickle"],  # listed, never read: not broken
         "contradictions": [{"path": r["path"], "problems": r["problems"]} for r in records if r.get("problems")],
         "reused": sum(1 for r in records if r.get("reused")),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -119,7 +120,6 @@ class _Progress:
 def convert_from_catalogue(catalogue: str, to: str, output: str | None, family: str | None, source_format: str | None,
                            options: dict, workers: int, dask_address: str | None, as_json: bool) -> None:
     """`convert --from-catalogue`: a job per selected record, run as a batch."""
-    from loratools.batch import catalogue_jobs
     from loratools.errors import UsageError
 
     if not output:
@@ -129,3 +129,29 @@ def convert_from_catalogue(catalogue: str, to: str, output: str | None, family: 
         raise UsageError("no LoRA in the catalogue matches" + (f" --family {family}" if family else "")
                          + (f" --format {source_format}" if source_format else ""), catalogue)
     run_jobs(jobs, workers, dask_address, as_json)
+
+
+def catalogue_jobs(catalogue: str | os.PathLike, to: str, output: str | os.PathLike, *, family: str | None = None,
+                   source_format: str | None = None, **convert_args) -> list[dict]:
+    """Convert jobs for the LoRAs a scan catalogue lists (of ``family`` and in ``source_format`` when given), their
+    outputs under ``output`` in the inputs' folders relative to the folder they all share. A record's relative
+    path is taken from the catalogue's folder (scan writes absolute ones); a missing catalogue, or a record that
+    is not what scan writes, is refused naming its line."""
+    from loratools.batch import check_job
+    from loratools.catalogue import read_catalogue
+
+    records = [r for r in read_catalogue(catalogue, strict=True, missing_ok=False).values()
+               if r.get("kind") == "lora" and (family is None or r["info"]["family"]["id"] == family)
+               and (source_format is None or r["info"]["format"] == source_format)]
+    if not records:
+        return []
+    paths = [r["path"] for r in records]
+    root = os.path.commonpath([os.path.dirname(p) for p in paths])
+    args = {k: v for k, v in convert_args.items() if v not in (None, False, "keep")}
+    jobs = []
+    for path in paths:
+        folder = os.path.relpath(os.path.dirname(path), root)
+        out = os.path.join(os.fspath(output), folder) if folder != "." else os.fspath(output)
+        jobs.append(check_job({"op": "convert", "input": path, "to": to, "output": out.rstrip(os.sep) + os.sep,
+                               **args}, "convert --from-catalogue"))
+    return jobs

@@ -10,8 +10,8 @@ import click
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", "catalogue", default=None,
-              help="Catalogue file (.jsonl, or .parquet with pyarrow): written atomically; a rerun re-reads only "
-                   "files whose size or mtime changed.")
+              help="Catalogue file (.jsonl, or .parquet with pyarrow): written atomically, absolute paths; a rerun "
+                   "re-reads only files whose size or mtime changed. An existing file must be a scan catalogue.")
 @click.option("--hash", "hashes", is_flag=True, help="sha256 and AutoV3 content hashes (finds re-saved duplicates).")
 @click.option("--jobs", "-j", default=1, show_default=True, help="Worker processes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
@@ -20,7 +20,9 @@ def scan(paths, catalogue, hashes, jobs, as_json) -> None:
 
     One record per file (what `inspect --json` says, with size, mtime, hashes with --hash, and its problems);
     a summary of files per family and format, adapter types, total size, duplicates by content hash, broken
-    files and metadata that contradicts the tensors.
+    files, pickles (listed, never read) and metadata that contradicts the tensors. A PATH that does not exist is
+    an error; a folder that cannot be read is listed as broken. -o refuses an existing file that is not a
+    catalogue scan wrote.
 
     Example:
 
@@ -60,6 +62,8 @@ def _print(s: dict, catalogue) -> None:
         c.print(f"[yellow]duplicates[/yellow] ({len(group)}): " + ", ".join(group))
     for b in s["broken"][:50]:
         c.print(f"[red]broken[/red] {b['path']}: {b['error']}")
+    for p in s["pickles"][:50]:
+        c.print(f"[dim]pickle[/dim] {p}: not read (convert it to safetensors, or inspect it with --allow-pickle)")
     for x in s["contradictions"][:50]:
         c.print(f"[yellow]metadata[/yellow] {x['path']}: {'; '.join(x['problems'])}")
     if catalogue:
