@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from concurrent.futures import Executor
 
 STATE_FOLDER = ".loratools-jobs"
+OVERWRITE = 'give the job "overwrite": true to replace it'
 SAVE_ARGS = ("to", "family", "dtype", "overwrite", "sync", "allow_nonfinite")  # resize and merge write with save
 
 
@@ -59,11 +60,12 @@ REQUIRED = {"convert": ("input", "to"), "resize": ("input", "output"), "merge": 
 
 
 def check_job(job: object, where: str = "job") -> dict:
-    """The job with its keys in order, or a UsageError that says what is wrong with it."""
+    """The job with its keys in order, or a UsageError that says what is wrong with it: its shape, and the values
+    that can be judged without reading a file (target format, dtype, ranks, merge method)."""
     if not isinstance(job, dict):
         raise UsageError(f"{where}: a job is a JSON object, got {type(job).__name__}")
     op = job.get("op")
-    if op not in REQUIRED:
+    if not isinstance(op, str) or op not in REQUIRED:
         raise UsageError(f"{where}: unknown op {op!r} (choose from {', '.join(REQUIRED)})")
     allowed = _ops()[op][1]
     unknown = sorted(set(job) - allowed - {"op"})
@@ -80,7 +82,41 @@ def check_job(job: object, where: str = "job") -> dict:
     for key in ("input", "output", "base", "tuned"):
         if key in job and not isinstance(job[key], str):
             raise UsageError(f"{where}: {key!r} is a path (a string)")
+    try:
+        _check_values(job)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc.message}") from None
     return {k: job[k] for k in sorted(job)}
+
+
+def _check_values(job: dict) -> None:
+    """What the API function would refuse before reading anything, refused here, before anything runs."""
+    from loratools.api import dtype_code
+    from loratools.ops.convert import output_path
+
+    for key in ("to", "dtype", "family", "dynamic", "method"):
+        if job.get(key) is not None and not isinstance(job[key], str):
+            raise UsageError(f"{key!r} is a string")
+    if job.get("to") is not None:
+        output_path("a", job["to"], None, False)  # refuses a format loratools does not write
+    dtype_code(job.get("dtype"))
+    for key in ("rank", "max_rank", "conv_rank", "lossy_rank"):
+        value = job.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise UsageError(f"{key!r} is a whole number of at least 1, not {value!r}")
+    op, rule = job["op"], job.get("rank") is not None or job.get("dynamic") is not None
+    if op == "resize" and not rule or op == "extract" and not rule:
+        raise UsageError(f"{op} needs 'rank' or 'dynamic'")
+    if op == "resize" and job.get("rank") is not None and job.get("dynamic") is not None:
+        raise UsageError("resize takes 'rank' or 'dynamic', not both")
+    if op == "merge":
+        method = job.get("method", "concat")
+        if method not in ("concat", "svd"):
+            raise UsageError(f"unknown merge method {method!r}: use concat or svd")
+        if method == "svd" and not rule:
+            raise UsageError("merge with method 'svd' needs 'rank' or 'dynamic'")
+        if method == "concat" and rule:
+            raise UsageError("concat keeps every rank: give 'method': 'svd' to reduce it")
 
 
 def _plain(value: object) -> object:
@@ -97,13 +133,22 @@ def _weighted(item: object) -> bool:
                                      and isinstance(item[1], (int, float)) and not isinstance(item[1], bool))
 
 
-def read_manifest(path: str | os.PathLike) -> list[dict]:
+class Manifest(list):
+    """The checked jobs of a manifest file (a list of job dicts), with the file and each job's line number, so
+    that every message about a job can name its line."""
+
+    def __init__(self, jobs: list[dict], path: str, lines: list[int]):
+        super().__init__(jobs)
+        self.path, self.lines = path, lines
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
     """The jobs of a JSON-lines manifest (blank lines and lines starting with '#' are skipped)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise LoraToolsError(f"cannot read the manifest ({getattr(exc, 'strerror', None) or exc})", path) from None
-    jobs = []
+    jobs, numbers = [], []
     for number, line in enumerate(lines, 1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -115,7 +160,8 @@ def read_manifest(path: str | os.PathLike) -> list[dict]:
             jobs.append(check_job(job, f"line {number}"))
         except UsageError as exc:
             raise UsageError(exc.message, path) from None
-    return jobs
+        numbers.append(number)
+    return Manifest(jobs, os.fspath(path), numbers)
 
 
 def _pairs(items: list) -> list[tuple[str, float]]:
@@ -231,18 +277,18 @@ def run_job(job: dict, sync: bool = False) -> dict:
             result.update(status="skipped", seconds=time.perf_counter() - start)
             return result
         if now is not None and state is None and not job.get("overwrite"):
-            raise LoraToolsError("output exists and no batch job wrote it; give the job \"overwrite\": true to "
-                                 "replace it", dest)
+            raise LoraToolsError(f"output exists and no batch job wrote it; {OVERWRITE}", dest)
         _write_state(state_file, {**claim, "before": now}, sync)
         try:
-            output, warnings = _call(job, overwrite=now is not None, sync=sync or bool(job.get("sync")))
+            output, warnings = _call(job, overwrite=now is not None or bool(job.get("overwrite")),
+                                     sync=sync or bool(job.get("sync")))
         except BaseException:
             if now is None and _fingerprint(dest) is None:  # nothing there before or now: nothing to claim
                 state_file.unlink(missing_ok=True)
             raise
         result.update(status="done", output=output, warnings=warnings)
-    except LoraToolsError as exc:
-        result["error"] = str(exc)
+    except LoraToolsError as exc:  # a writer's advice is for the command line: a job says it in its own terms
+        result["error"] = str(exc).replace("pass --overwrite to replace it", OVERWRITE)
     except OSError as exc:  # the storage failed under the job (disk full, a folder that vanished)
         result["error"] = f"{exc.filename}: {(exc.strerror or str(exc)).lower()}" if exc.filename else str(exc)
     except Exception as exc:  # noqa: BLE001  a bug: this job fails, the batch goes on
@@ -269,7 +315,10 @@ def run_batch(jobs: Iterable[dict] | str | os.PathLike, executor: Executor | Non
               on_result: Callable[[dict], None] | None = None) -> BatchResult:
     """Run every job that is not done yet; return one result per job (``status``: done, skipped or failed).
 
-    ``jobs`` is a list of job dicts (see the module's docstring) or the path of a JSON-lines manifest.
+    ``jobs`` is a list of job dicts (see the module's docstring), the path of a JSON-lines manifest or what
+    ``read_manifest`` returns: then a bad job is named by its line (UsageError), and so is each failed job
+    (its result's ``error`` starts with ``<manifest>: line N:``, and ``line`` is N). Two jobs that write one file
+    (even by other names) are refused before anything runs.
     ``executor`` is any ``concurrent.futures.Executor``: None runs the jobs here one by one; a
     ``ProcessPoolExecutor`` (see ``loratools.executors.local_executor``) or a Dask client's executor
     (``loratools.executors.dask_executor``) runs them in parallel. ``on_result`` is called with each result as it
@@ -285,13 +334,24 @@ def run_batch(jobs: Iterable[dict] | str | os.PathLike, executor: Executor | Non
     As with any process pool, a script that passes one runs it under ``if __name__ == "__main__":``.
     """
     start = time.perf_counter()
-    checked = (read_manifest(jobs) if isinstance(jobs, (str, os.PathLike))
-               else [check_job(j, f"job {i + 1}") for i, j in enumerate(jobs)])
-    _no_shared_outputs(checked)
+    if isinstance(jobs, (str, os.PathLike)):
+        jobs = read_manifest(jobs)
+    manifest, lines = (jobs.path, jobs.lines) if isinstance(jobs, Manifest) else (None, None)
+    jobs = list(jobs)
+    where = [f"line {n}" for n in lines] if lines else [f"job {i + 1}" for i in range(len(jobs))]
+    try:
+        checked = [check_job(j, w) for j, w in zip(jobs, where)]
+        _no_shared_outputs(checked, where)
+    except UsageError as exc:
+        raise UsageError(exc.message, manifest) from None
     results: list[dict | None] = [None] * len(checked)
 
     def finish(i: int, r: dict) -> None:
         r["index"] = i
+        if lines:
+            r["line"] = lines[i]
+            if r["status"] == "failed":
+                r["error"] = f"{manifest}: {where[i]}: {r['error']}"
         results[i] = r
         if on_result is not None:
             on_result(r)
@@ -319,36 +379,15 @@ def run_batch(jobs: Iterable[dict] | str | os.PathLike, executor: Executor | Non
     return BatchResult(results, time.perf_counter() - start)  # type: ignore[arg-type]
 
 
-def _no_shared_outputs(jobs: list[dict]) -> None:
+def _no_shared_outputs(jobs: list[dict], where: list[str]) -> None:
+    """Refuse two jobs that would write one file, by whatever names (a symlinked folder, a link, ``a/../b``)."""
     seen: dict[str, int] = {}
     for i, job in enumerate(jobs):
         try:
-            key = os.path.abspath(destination(job))
+            key = os.path.realpath(destination(job))
         except LoraToolsError:
             continue  # the job will fail with its own message
         if key in seen:
-            raise UsageError(f"jobs {seen[key] + 1} and {i + 1} write the same output {key}")
+            raise UsageError(f"{where[i]}: writes the same output as {where[seen[key]]} ({key})")
         seen[key] = i
 
-
-def catalogue_jobs(catalogue: str | os.PathLike, to: str, output: str | os.PathLike, *, family: str | None = None,
-                   source_format: str | None = None, **convert_args) -> list[dict]:
-    """Convert jobs for the LoRAs a scan catalogue lists (of ``family`` and in ``source_format`` when given), their
-    outputs under ``output`` in the inputs' folders relative to the folder they all share."""
-    from loratools.catalogue import read_catalogue
-
-    records = [r for r in read_catalogue(catalogue).values() if r.get("kind") == "lora" and r.get("info")
-               and (family is None or r["info"]["family"]["id"] == family)
-               and (source_format is None or r["info"]["format"] == source_format)]
-    if not records:
-        return []
-    paths = [r["path"] for r in records]
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
-    args = {k: v for k, v in convert_args.items() if v not in (None, False, "keep")}
-    jobs = []
-    for path in paths:
-        folder = os.path.relpath(os.path.dirname(os.path.abspath(path)), root)
-        out = os.path.join(os.fspath(output), folder) if folder != "." else os.fspath(output)
-        jobs.append(check_job({"op": "convert", "input": path, "to": to, "output": out.rstrip(os.sep) + os.sep,
-                               **args}))
-    return jobs

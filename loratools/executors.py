@@ -53,7 +53,9 @@ def dask_executor(address: str, workers: int | None = None, *, processes: bool =
         else:
             try:
                 client = stack.enter_context(Client(address, timeout="30s"))
-            except OSError as exc:
-                raise UsageError(f"cannot reach the Dask scheduler at {address} ({exc})") from None
+            except (OSError, ValueError, TypeError) as exc:  # unreachable, or not an address (no port, bad scheme)
+                first = (str(exc).splitlines() or [""])[0][:200]
+                raise UsageError(f"--dask {address!r}: cannot reach a Dask scheduler there ({first}); give "
+                                 "tcp://host:port or 'local'") from None
         # each job is a new task (pure=False): a rerun of the same job after its inputs changed is run again
         yield client.get_executor(pure=False)

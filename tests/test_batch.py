@@ -142,7 +142,7 @@ def test_an_output_no_job_wrote_is_kept_unless_the_job_says_overwrite(loras, tmp
     assert r["status"] == "failed" and "no batch job wrote it" in r["error"] and target.read_bytes() == b"not ours"
     r = run_batch([dict(job, overwrite=True)]).results[0]
     assert r["status"] == "done" and read_header(target).tensors
-    with pytest.raises(loratools.errors.UsageError, match="write the same output"):
+    with pytest.raises(loratools.errors.UsageError, match="job 2: writes the same output as job 1"):
         run_batch([job, dict(job, to="comfy", dtype="fp16")])
 
 
@@ -150,7 +150,7 @@ def test_every_op_runs_from_a_manifest(tmp_path):
     """extract, then bake, resize and merge of its output, through run_batch (jobs are independent: a job that
     reads another's output goes in a later batch)."""
     from test_bake import write_base
-    from test_extract import FLUX, H, _delta, tuned_copy
+    from test_extract import FLUX, _delta, tuned_copy
 
     import torch
 
