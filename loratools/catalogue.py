@@ -276,7 +276,7 @@ def _parquet_records(path) -> list:
     try:
         return pa.parquet.read_table(path, columns=["record"]).column("record").to_pylist()
     except (pa.ArrowException, KeyError) as exc:
-        raise LoraToolsError(f"not a loratools catalogue ({str(exc).splitlines()[0][:200]})", path) from None
+        raise LoraToolsError(f"not a loratools scan catalogue ({str(exc).splitlines()[0][:200]})", path) from None
 
 
 # The Parquet catalogue's columns: what collections are queried by (one per record), and the whole record as JSON.

@@ -319,5 +319,5 @@ def test_a_parquet_catalogue_holds_the_same_records_and_reruns_incrementally(col
     again = loratools.scan([work], tmp_path / "catalogue.parquet", hashes=True)
     assert all(r.get("reused") for r in again)
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
-    with pytest.raises(loratools.errors.LoraToolsError, match="not a loratools catalogue"):
+    with pytest.raises(loratools.errors.LoraToolsError, match="not a loratools scan catalogue"):
         loratools.scan([work], tmp_path / "bad.parquet")
