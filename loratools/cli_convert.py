@@ -26,8 +26,8 @@ def _one(args: tuple) -> dict:
                         allow_pickle=allow_pickle, many=many, lossy_rank=lossy_rank, sync=sync,
                         uniform_alpha=uniform_alpha, kohya_names=names, allow_nonfinite=nonfinite)
         return {"ok": True, **asdict(r)}
-    except LoraToolsError as exc:
-        return {"ok": False, "path": path, "error": exc.message}
+    except LoraToolsError as exc:  # a problem with another file (the output, a base) names that file too
+        return {"ok": False, "path": path, "error": exc.message if exc.path in (None, path) else str(exc)}
 
 
 @click.command()
@@ -98,6 +98,10 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
     failed = [r for r in results if not r["ok"]]
     for r in failed:
         click.echo(f"loratools: error: {r['path']}: {r['error']}", err=True)
+    if not as_json:  # in JSON they are each result's "warnings"
+        for r in results:
+            for w in r.get("warnings") or ():
+                click.echo(f"loratools: warning: {r['path']}: {w}", err=True)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     elif len(results) == 1:

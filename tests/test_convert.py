@@ -464,3 +464,18 @@ def test_nan_and_inf_are_refused_by_every_target_without_a_trace(tmp_path, to):
     with SafetensorsFile(files[0]) as f:
         values = np.concatenate([f.numpy(k).astype(np.float64).ravel() for k in f.keys()])
     assert np.isnan(values).sum() == 1 and np.isneginf(values).sum() == 1
+
+
+def test_convert_prints_its_warnings(tmp_path):
+    """A mixed-alpha kohya file is written with a warning: on stderr, not only in --json."""
+    src = synthesize("sd15__kohya__safetensorsutil-keys-only.json", tmp_path / "r16.safetensors", rank=16)
+    with loratools.load(src) as lora:
+        small, _ = loratools.resize(lora, dynamic="sv_fro:0.9")
+        loratools.save(small, tmp_path / "mixed.safetensors")
+    with loratools.load(tmp_path / "mixed.safetensors") as lora:
+        assert len({m.alpha for m in lora.modules}) > 1
+    r = subprocess.run([sys.executable, "-m", "loratools", "convert", str(tmp_path / "mixed.safetensors"), "--to",
+                        "kohya", "-o", str(tmp_path / "k.safetensors")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith(f"loratools: warning: {tmp_path / 'mixed.safetensors'}: modules have different alphas")
+    assert "--uniform-alpha" in r.stderr and r.stdout.count("\n") == 1

@@ -249,8 +249,9 @@ def test_dora_and_base_dependent_modules_are_refused():
     m = rand_lora(8, 6, 2, magnitude=torch.ones(8, 1))
     with pytest.raises(UsageError) as e:
         resize(lora_of(m), rank=1)
-    assert e.value.message == "DoRA modules need the base weights: pass --base CKPT"
-    assert str(e.value) == "in.safetensors: DoRA modules need the base weights: pass --base CKPT"
+    msg = ("DoRA modules need the base weights, so they cannot be resized or merged as LoRA; bake them into the base "
+           "instead (loratools bake)")
+    assert e.value.message == msg and str(e.value) == f"in.safetensors: {msg}"
     ia3 = make_module(IA3, plain_weight=torch.ones(8), on_input=torch.zeros(1))
     with pytest.raises(UsageError) as e:
         resize(lora_of(ia3), rank=1)

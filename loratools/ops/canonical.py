@@ -37,7 +37,8 @@ def canonicalize(lora: Lora, family: Family, lora_only: bool = True) -> list[tup
     bad_types = sorted({m.adapter.label for m in lora.modules if not m.adapter.exact_lora})
     if bad_types and lora_only:
         raise FormatError(f"cannot convert {', '.join(bad_types)} modules exactly to LoRA; only LoRA/LoCon "
-                          "files convert (a lossy SVD path comes with resize/merge)", lora.path)
+                          "files convert exactly (LoHa, LoKr and full-diff modules convert with --lossy-rank N, a "
+                          "lossy SVD that is reported)", lora.path)
     spaces = _spaces(lora, family)
     # text-encoder modules keep transformers names in every format: only the denoiser needs the family's rules
     if not family.has_naming and any(spaces.get(m.component) == "model" for m in lora.modules):

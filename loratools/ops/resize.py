@@ -76,7 +76,8 @@ def check_modules(lora: Lora, lossy_rank: int | None) -> None:
     """Refuse, before any work, modules that cannot become LoRA with the options given."""
     for m in lora.modules:
         if m.magnitude is not None:
-            raise UsageError("DoRA modules need the base weights: pass --base CKPT", lora.path)
+            raise UsageError("DoRA modules need the base weights, so they cannot be resized or merged as LoRA; "
+                             "bake them into the base instead (loratools bake)", lora.path)
         a = m.adapter
         if a.exact_lora or a.is_vector:
             continue
