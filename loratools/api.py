@@ -222,6 +222,14 @@ _DTYPES = {"keep": None, None: None, "fp16": "F16", "float16": "F16", "bf16": "B
            "fp32": "F32", "float32": "F32"}
 
 
+def convert_destination(path: str | os.PathLike, to: str, output: str | os.PathLike | None = None,
+                        many: bool = False) -> str:
+    """Where ``convert`` writes the conversion of ``path`` (``-o`` as the CLI reads it; ``many``: several inputs)."""
+    from loratools.ops.convert import output_path
+
+    return str(output_path(str(path), to, None if output is None else str(output), many))
+
+
 def dtype_code(name: str | None) -> str | None:
     """The safetensors dtype a ``dtype`` argument names (``"fp16"`` -> ``"F16"``; None or ``"keep"``: None)."""
     from loratools.errors import UsageError

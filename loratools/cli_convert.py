@@ -126,12 +126,12 @@ def _mirrored(output: str | None, given: str, found: str) -> str | None:
 
 def _check_distinct(found: list[tuple[str, str | None]], to: str, many: bool) -> None:
     """Refuse, before anything is written, two inputs whose outputs would have the same path."""
+    from loratools.api import convert_destination
     from loratools.errors import UsageError
-    from loratools.ops.convert import output_path
 
     seen: dict[str, str] = {}
     for f, out in found:
-        dest = os.path.abspath(output_path(f, to, out, many))
+        dest = os.path.abspath(convert_destination(f, to, out, many))
         if dest in seen:
             raise UsageError(f"{seen[dest]} and {f} would both be written to {dest}; convert them separately or "
                              "into different folders")

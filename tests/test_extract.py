@@ -4,6 +4,7 @@ weights, dynamic rules pick the true rank, and the output loads as a LoRA of the
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -203,6 +204,9 @@ def test_errors(tmp_path):
     with pytest.raises(ShapeMismatch, match=r"img_in.weight is \[32, 16\] in the base but \[32, 8\]"):
         loratools.extract(tmp_path / "base.safetensors", tmp_path / "other.safetensors", tmp_path / "o.safetensors",
                           rank=4)
+    lora = os.path.join(os.path.dirname(__file__), "..", "fixtures", "examples", "sdxl_slider_kohya.safetensors")
+    with pytest.raises(LoraToolsError, match="none of the base's FLUX.1 weights is in the tuned checkpoint"):
+        loratools.extract(tmp_path / "base.safetensors", lora, tmp_path / "o.safetensors", rank=4, family="flux1")
     assert not (tmp_path / "o.safetensors").exists()
 
 

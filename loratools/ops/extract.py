@@ -273,6 +273,9 @@ def extract_lora(base: Base, tuned: Base, dest: Path, *, family: str, to: str = 
     result = ExtractResult(base.path, tuned.path, str(dest), family, to, str(dev))
     pairs = extract_pairs(base, tuned, fam, spec, dev, result)
     if not pairs:
+        if not result.unchanged and not any(key in tuned.keys for key, *_ in candidates(base, fam, spec.text_encoders)):
+            raise LoraToolsError(f"none of the base's {fam.name} weights is in the tuned checkpoint (a LoRA, or a "
+                                 "checkpoint of another family or layout?)", tuned.path)
         raise LoraToolsError("the checkpoints do not differ in any weight the family tables know", tuned.path)
     mods = plan(pairs, fam, codec.model_naming(fam))
     meta = {"loratools.version": __version__, "loratools.operation": "extract", "loratools.family": family,
