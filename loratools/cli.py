@@ -15,7 +15,7 @@ import sys
 import click
 
 from loratools import __version__
-from loratools.errors import LoraToolsError
+from loratools.errors import LoraToolsError, one_line
 
 
 INTERNAL_ERROR = 3  # exit code of a bug (an exception outside LoraToolsError); docs/safety.md lists the codes
@@ -24,7 +24,7 @@ INTERNAL_ERROR = 3  # exit code of a bug (an exception outside LoraToolsError); 
 def _fail(exc: LoraToolsError, debug: bool) -> None:
     if debug:
         raise exc
-    click.echo(f"loratools: error: {exc}", err=True)
+    click.echo(f"loratools: error: {one_line(str(exc))}", err=True)
     sys.exit(exc.exit_code)
 
 
@@ -82,7 +82,7 @@ def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_
             if debug:
                 raise
             failed += 1
-            click.echo(f"loratools: error: {exc}", err=True)
+            click.echo(f"loratools: error: {one_line(str(exc))}", err=True)
             results.append({"path": path, "error": exc.message})
             continue
         results.append(info)
@@ -156,7 +156,7 @@ def main() -> None:
     except Exception as exc:  # a bug: still one line for the user, the traceback with --debug
         if "--debug" in sys.argv:
             raise
-        first = (str(exc).splitlines() or [""])[0][:300]
+        first = one_line((str(exc).splitlines() or [""])[0][:300])
         click.echo(f"loratools: internal error: {type(exc).__name__}: {first} — please report it; --debug shows "
                    "the traceback", err=True)
         sys.exit(INTERNAL_ERROR)

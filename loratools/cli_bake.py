@@ -7,6 +7,8 @@ from dataclasses import asdict
 
 import click
 
+from loratools.errors import one_line
+
 from loratools.cli_ops import sync_requested
 
 DTYPES = click.Choice(["keep", "fp16", "bf16", "fp32"])
@@ -21,7 +23,7 @@ def _console():
 
 def _warn(warnings: list[str]) -> None:
     for w in warnings[:20]:
-        click.echo(f"loratools: warning: {w}", err=True)
+        click.echo(one_line(f"loratools: warning: {w}"), err=True)
     if len(warnings) > 20:
         click.echo(f"loratools: warning: and {len(warnings) - 20} more", err=True)
 

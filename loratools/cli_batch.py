@@ -9,6 +9,8 @@ import time
 
 import click
 
+from loratools.errors import one_line
+
 from loratools.cli_ops import sync_requested
 
 JOBS_HELP = "Worker processes (with --dask local: Dask workers; 1 runs the jobs in this process)."
@@ -53,7 +55,7 @@ def run_jobs(jobs: list[dict], workers: int, dask_address: str | None, as_json: 
         def report(r: dict) -> None:
             progress.advance()
             if r["status"] == "failed":
-                click.echo(f"loratools: error: {r['error']}", err=True)
+                click.echo(one_line(f"loratools: error: {r['error']}"), err=True)
             elif not as_json:
                 click.echo(_line(r))
 

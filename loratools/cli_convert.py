@@ -11,7 +11,7 @@ import click
 
 from loratools.cli_ops import sync_requested
 
-from loratools.errors import LoraToolsError
+from loratools.errors import LoraToolsError, one_line
 
 FORMATS = click.Choice(["kohya", "diffusers", "peft", "comfy"])
 
@@ -97,11 +97,11 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
     results = _run(work, jobs, show=not as_json and sys.stderr.isatty())
     failed = [r for r in results if not r["ok"]]
     for r in failed:
-        click.echo(f"loratools: error: {r['path']}: {r['error']}", err=True)
+        click.echo(one_line(f"loratools: error: {r['path']}: {r['error']}"), err=True)
     if not as_json:  # in JSON they are each result's "warnings"
         for r in results:
             for w in r.get("warnings") or ():
-                click.echo(f"loratools: warning: {r['path']}: {w}", err=True)
+                click.echo(one_line(f"loratools: warning: {r['path']}: {w}"), err=True)
     if as_json:
         click.echo(json.dumps(results, indent=2))
     elif len(results) == 1:

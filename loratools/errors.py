@@ -8,6 +8,14 @@ docs/safety.md lists what is refused and the exit codes.
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped: a file name holding a newline cannot print a second line (or
+    forge one) in a message."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 class LoraToolsError(Exception):
     """A problem with the user's input that loratools can explain in one line."""
 

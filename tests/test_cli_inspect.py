@@ -200,3 +200,12 @@ def test_folders_are_searched(tmp_path):
     synthesize("sd2__diffusers_lora_linear__justinjiang.json", tmp_path / "b.safetensors")
     out = json.loads(run(tmp_path, "--json").output)
     assert sorted(i["family"]["id"] for i in out) == ["sd1", "sd2"]
+
+
+def test_a_file_name_with_a_newline_stays_on_one_line(tmp_path):
+    """A name cannot print a second line, or forge one that looks like another file's error."""
+    bad = tmp_path / "evil\nloratools: error: fake.safetensors"
+    bad.write_bytes(b"")
+    r = run_process(bad)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and "evil\\nloratools: error: fake.safetensors" in r.stderr, r.stderr
