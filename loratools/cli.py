@@ -72,6 +72,8 @@ def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_
     from loratools.io.sources import expand_paths
 
     debug = ctx.obj["debug"]
+    if plot_png and os.path.lexists(plot_png) and not overwrite:  # said before the files are read, not after
+        raise LoraToolsError("output exists; pass --overwrite to replace it", plot_png)
     results, failed = [], 0
     files = expand_paths(paths)
     for path in files:
