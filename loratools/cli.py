@@ -15,7 +15,7 @@ import sys
 import click
 
 from loratools import __version__
-from loratools.errors import LoraToolsError, one_line
+from loratools.errors import LoraToolsError, UsageError, one_line
 
 
 INTERNAL_ERROR = 3  # exit code of a bug (an exception outside LoraToolsError); docs/safety.md lists the codes
@@ -73,7 +73,7 @@ def inspect(ctx, paths, as_json, layers, stats, hashes, metadata, family, allow_
 
     debug = ctx.obj["debug"]
     if plot_png and os.path.lexists(plot_png) and not overwrite:  # said before the files are read, not after
-        raise LoraToolsError("output exists; pass --overwrite to replace it", plot_png)
+        raise UsageError("output exists; pass --overwrite to replace it", plot_png)
     results, failed = [], 0
     files = expand_paths(paths)
     for path in files:
