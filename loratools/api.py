@@ -300,8 +300,10 @@ def _canonical_targets(lora: Lora) -> None:
 def scan(paths, catalogue: str | os.PathLike | None = None, *, hashes: bool = False, jobs: int = 1) -> list[dict]:
     """Inventory LoRAs, adapter folders and checkpoints under ``paths`` (torch-free): one record per file.
 
-    With ``catalogue`` (a ``.jsonl`` path) unchanged files (same size and mtime) keep their old records and the
-    catalogue is rewritten with the result. Summarise with ``summarize_catalogue``.
+    Records name files by absolute path. With ``catalogue`` (a ``.jsonl`` or ``.parquet`` path) unchanged files
+    (same size and mtime) keep their old records and the catalogue is rewritten with the result; a path that does
+    not exist, or a ``catalogue`` file that is not a scan catalogue, is refused (``UsageError``). Summarise with
+    ``summarize_catalogue``.
 
     Example:
         >>> records = loratools.scan(["loras/"], "catalogue.jsonl", hashes=True)
