@@ -302,7 +302,7 @@ def scan(paths, catalogue: str | os.PathLike | None = None, *, hashes: bool = Fa
 
     Records name files by absolute path. With ``catalogue`` (a ``.jsonl`` or ``.parquet`` path) unchanged files
     (same size and mtime) keep their old records and the catalogue is rewritten with the result; a path that does
-    not exist, or a ``catalogue`` file that is not a scan catalogue, is refused (``UsageError``). Summarise with
+    not exist, or a ``catalogue`` file that is not a scan catalogue, is refused (``LoraToolsError``). Summarise with
     ``summarize_catalogue``.
 
     Example:
