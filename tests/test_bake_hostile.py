@@ -73,8 +73,7 @@ def test_a_damaged_shard_index_is_one_line_before_anything_is_written(folder, tm
     base, lora = folder
     path = base / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
     path.write_bytes(index if isinstance(index, bytes) else index.encode())
-    with pytest.raises(FormatError, match="diffusion_pytorch_model.safetensors.index.json is not a valid shard index|"
-                                          "nested too deeply"):
+    with pytest.raises(FormatError, match=r"diffusion_pytorch_model.safetensors.index.json (is not|is nested)"):
         loratools.bake(base, [lora], tmp_path / "out", family="flux1")
     _nothing_written(tmp_path, "out")
     code, lines = bake_cli(base, lora, "-o", tmp_path / "out", "--family", "flux1")

@@ -16,6 +16,7 @@ import stat
 from dataclasses import dataclass
 
 from loratools.errors import FormatError, LoraToolsError, UnsafeFileError
+from loratools.io.jsonfile import read_json_object
 from loratools.io.pickled import looks_pickled
 from loratools.io.reader import Header, SafetensorsFile
 
@@ -124,18 +125,9 @@ def _check_regular(full: str, rel: str, base: str) -> None:
 def _read_index(full: str, rel: str, base: str) -> dict:
     """A shard index's contents, checked before anything is written: a JSON object whose ``weight_map`` and
     ``metadata``, when present, are objects."""
-    try:
-        with open(full, "rb") as f:
-            raw = f.read(MAX_INDEX_BYTES + 1)
-        if len(raw) > MAX_INDEX_BYTES:
-            raise FormatError(f"{rel} is larger than {MAX_INDEX_BYTES >> 20} MiB", base)
-        index = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        raise FormatError(f"{rel} is nested too deeply", base) from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{rel} is not a valid shard index ({e})", base) from None
-    if not isinstance(index, dict) or not all(isinstance(index.get(k, {}), dict) for k in ("weight_map", "metadata")):
-        raise FormatError(f"{rel} is not a valid shard index (an object with weight_map and metadata objects)", base)
+    index = read_json_object(full, rel, MAX_INDEX_BYTES, base)
+    if not all(isinstance(index.get(k, {}), dict) for k in ("weight_map", "metadata")):
+        raise FormatError(f"{rel} is not a valid shard index (its weight_map and metadata must be objects)", base)
     return index
 
 

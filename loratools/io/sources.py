@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from loratools.errors import FormatError, LoraToolsError
+from loratools.io.jsonfile import read_json_object
 from loratools.io.pickled import load_pickled, looks_pickled
 from loratools.io.reader import SafetensorsFile
 
@@ -64,18 +64,7 @@ MAX_CONFIG_BYTES = 1 << 20  # PEFT's own configs are a few KB; a bigger one is n
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        with open(path, "rb") as f:  # at most one byte past the limit, whatever the size says (/proc reports 0)
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise FormatError(f"{PEFT_CONFIG} is larger than {MAX_CONFIG_BYTES} bytes", path)
-        config = json.loads(raw.decode("utf-8"))
-    except RecursionError:
-        raise FormatError(f"{PEFT_CONFIG} is nested too deeply", path) from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{PEFT_CONFIG} is not valid JSON ({exc})", path) from None
-    if not isinstance(config, dict):
-        raise FormatError(f"{PEFT_CONFIG} is not a JSON object", path)
+    config = read_json_object(path, PEFT_CONFIG, MAX_CONFIG_BYTES, path)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise FormatError(f"{PEFT_CONFIG}: peft_type {peft_type!r} is not supported (only LORA)", path)
