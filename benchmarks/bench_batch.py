@@ -26,8 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_before_after import export
-from common import ROOT, compile_bytecode, table
+from common import ROOT, compile_bytecode, export, table
 
 sys.path.insert(0, str(ROOT / "tests"))
 

@@ -26,18 +26,9 @@ import time
 from pathlib import Path
 
 from bench_bake import write_base
-from common import ROOT, in_child, table, write_sdxl_kohya
+from common import ROOT, export, in_child, table, write_sdxl_kohya
 
 PY = sys.executable
-
-
-def export(rev: str, dest: Path) -> Path:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "loratools"], check=True,
-                             capture_output=True).stdout
-    dest.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    subprocess.run([PY, "-m", "compileall", "-q", str(dest / "loratools")], check=True)
-    return dest
 
 
 def run(tree: Path, args: list[str]) -> tuple[float, float, float]:

@@ -230,15 +230,6 @@ def sample_by_shape(shapes: dict[str, tuple], n: int) -> list[str]:
     return picks
 
 
-def export(rev: str, dest: Path) -> str:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "loratools"], check=True,
-                             capture_output=True).stdout
-    dest.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(dest / "loratools")], check=True)
-    return str(dest)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rank", type=int, default=64)
@@ -249,7 +240,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from common import compile_bytecode, in_child
+    from common import compile_bytecode, export, in_child
 
     compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
@@ -270,7 +261,7 @@ def main() -> None:
         if args.before:
             variants.append((f"before ({args.before}): extract",
                              {**common, "kind": "ours", "out": str(tmp / "b.safetensors"), "device": args.device,
-                              "tree": export(args.before, tmp / "before")}))
+                              "tree": str(export(args.before, tmp / "before"))}))
         variants.append(("dense: full SVD of every ΔW (no write)", {**common, "kind": "dense", "names": names}))
         runs = defaultdict(list)
         for round_ in range(args.repeat):

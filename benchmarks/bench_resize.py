@@ -258,15 +258,6 @@ def extrapolate(per_stem: dict[str, float], modules: list[tuple[str, list[int]]]
     return sum(sum(ts) / len(ts) * counts[shape] for shape, ts in times.items())
 
 
-def export(rev: str, dest: Path) -> str:
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "loratools"], check=True,
-                             capture_output=True).stdout
-    dest.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(dest / "loratools")], check=True)
-    return str(dest)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rank-in", type=int, default=128)
@@ -279,7 +270,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every variant")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from common import compile_bytecode, in_child, sdxl_kohya_modules, write_sdxl_kohya
+    from common import compile_bytecode, export, in_child, sdxl_kohya_modules, write_sdxl_kohya
 
     compile_bytecode()
     modules = sdxl_kohya_modules()
@@ -296,7 +287,7 @@ def main() -> None:
               f"(built in {time.perf_counter() - t:.0f} s)", flush=True)
         trees = {"ours": None}
         if args.before:
-            trees[f"before ({args.before})"] = export(args.before, tmp / "before")
+            trees[f"before ({args.before})"] = str(export(args.before, tmp / "before"))
         common = {"rank": args.rank_out, "threads": args.threads}
         outs = {"resize": str(tmp / "resized.safetensors"), "merge": str(tmp / "merged.safetensors")}
         variants = []
