@@ -230,6 +230,14 @@ def convert_destination(path: str | os.PathLike, to: str, output: str | os.PathL
     return str(output_path(str(path), to, None if output is None else str(output), many))
 
 
+def check_family(fid: str) -> None:
+    """Raise ``UnknownFamily`` (naming the closest id) when ``fid`` is not a family id loratools knows."""
+    from loratools.families import get_family
+
+    if fid != "unknown":  # --family unknown: take no family (text-encoder-only files, inspect)
+        get_family(fid)
+
+
 def dtype_code(name: str | None) -> str | None:
     """The safetensors dtype a ``dtype`` argument names (``"fp16"`` -> ``"F16"``; None or ``"keep"``: None)."""
     from loratools.errors import UsageError

@@ -29,7 +29,7 @@ from inspect import signature
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from loratools.errors import LoraToolsError, UsageError
+from loratools.errors import LoraToolsError, UnknownFamily, UsageError
 from loratools.io.atomic import atomic_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,7 +91,7 @@ def check_job(job: object, where: str = "job") -> dict:
 
 def _check_values(job: dict) -> None:
     """What the API function would refuse before reading anything, refused here, before anything runs."""
-    from loratools.api import dtype_code
+    from loratools.api import check_family, dtype_code
     from loratools.ops.convert import output_path
 
     for key in ("to", "dtype", "family", "dynamic", "method"):
@@ -100,6 +100,11 @@ def _check_values(job: dict) -> None:
     if job.get("to") is not None:
         output_path("a", job["to"], None, False)  # refuses a format loratools does not write
     dtype_code(job.get("dtype"))
+    if job.get("family") is not None:
+        try:
+            check_family(job["family"])
+        except UnknownFamily as exc:
+            raise UsageError(exc.message) from None
     for key in ("rank", "max_rank", "conv_rank", "lossy_rank"):
         value = job.get(key)
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

@@ -71,6 +71,7 @@ def test_two_jobs_writing_one_file_through_a_symlinked_folder_are_refused(two, t
     ({"op": "convert", "input": "a", "to": ["comfy"]}, "'to' is a string"),
     ({"op": "convert", "input": "a", "to": "comfy", "dtype": "fp8"}, "unknown dtype 'fp8'"),
     ({"op": "convert", "input": "a", "to": "comfy", "family": 5}, "'family' is a string"),
+    ({"op": "convert", "input": "a", "to": "comfy", "family": "wan2.1"}, "unknown family 'wan2.1'; did you mean"),
 ])
 def test_a_bad_job_is_refused_at_the_manifest_check_naming_its_line(two, tmp_path, job, says):
     good = {"op": "convert", "input": str(two[0]), "to": "comfy", "output": f"{tmp_path}/o/"}
