@@ -209,3 +209,14 @@ def test_a_file_name_with_a_newline_stays_on_one_line(tmp_path):
     r = run_process(bad)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "evil\\nloratools: error: fake.safetensors" in r.stderr, r.stderr
+
+
+def test_folders_without_a_lora_say_which_case_they_are(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = run_process(tmp_path / "empty")
+    assert r.returncode == 2 and "no LoRA in the folder" in r.stderr, r.stderr
+    (tmp_path / "many").mkdir()
+    write_safetensors(tmp_path / "many" / "a.safetensors", [("x", "F32", (1,), np.zeros(1, np.float32))])
+    r = subprocess.run([sys.executable, "-m", "loratools", "resize", str(tmp_path / "many"), "--rank", "2", "-o",
+                        str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "the folder is not one LoRA" in r.stderr and "name a file in it" in r.stderr

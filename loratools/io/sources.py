@@ -56,8 +56,11 @@ def _open_folder(p: Path, allow_pickle: bool) -> Opened:
     if weights is not None:  # a folder saved by diffusers' save_lora_weights
         inner = open_lora(weights, allow_pickle)
         return Opened(str(p), str(weights), inner.source, None, inner.size_bytes)
-    raise FormatError(f"folder is not a PEFT adapter (no {PEFT_CONFIG}) and holds no "
-                      f"{DIFFUSERS_WEIGHTS[0]}", p)
+    if _scan(p):
+        raise FormatError(f"the folder is not one LoRA (no {PEFT_CONFIG} or {DIFFUSERS_WEIGHTS[0]}); name a file in "
+                          "it", p)
+    raise FormatError(f"no LoRA in the folder (no .safetensors file, no {PEFT_CONFIG}, no {DIFFUSERS_WEIGHTS[0]})",
+                      p)
 
 
 MAX_CONFIG_BYTES = 1 << 20  # PEFT's own configs are a few KB; a bigger one is not an adapter config
