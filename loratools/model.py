@@ -79,6 +79,7 @@ class Module:
     target: str | None = None
     part: Part | None = None
     alpha_ref: TensorRef | None = None  # the stored tensor ``alpha`` was read from (so it holds that value)
+    halves_swapped: bool = False  # B's row halves in the order of a naming that trades them against the target's
 
     @property
     def rank(self) -> int | None:

@@ -479,3 +479,22 @@ def test_convert_prints_its_warnings(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.startswith(f"loratools: warning: {tmp_path / 'mixed.safetensors'}: modules have different alphas")
     assert "--uniform-alpha" in r.stderr and r.stdout.count("\n") == 1
+
+
+def test_the_alpha_warning_only_for_files_that_store_alphas(tmp_path):
+    """FLUX.2's comfy files fold every scale into lora_A/lora_B (no .alpha): nothing for a loader to misread there;
+    its kohya files keep one alpha per module, and the fused qkv's differs from the rest."""
+    from safetensors.torch import save_file
+
+    g, h = torch.Generator().manual_seed(1), 64
+    d = {}
+    for name, out_dim in [(f"transformer_blocks.0.attn.to_{p}", h) for p in "qkv"] + [("norm_out.linear", 2 * h)]:
+        d[f"transformer.{name}.lora_A.weight"] = torch.randn(4, h, generator=g) * 0.1
+        d[f"transformer.{name}.lora_B.weight"] = torch.randn(out_dim, 4, generator=g) * 0.1
+        d[f"transformer.{name}.alpha"] = torch.tensor(3.0)
+    save_file(d, tmp_path / "y.safetensors")
+    comfy = loratools.convert(tmp_path / "y.safetensors", to="comfy", family="flux2", output=tmp_path / "c.safetensors")
+    assert not any("different alphas" in w for w in comfy.warnings)
+    assert not any(k.endswith(".alpha") for k in SafetensorsFile(comfy.output).keys())
+    kohya = loratools.convert(tmp_path / "y.safetensors", to="kohya", family="flux2", output=tmp_path / "k.safetensors")
+    assert any("different alphas" in w for w in kohya.warnings)

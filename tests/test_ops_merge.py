@@ -214,3 +214,55 @@ def test_real_layout_concat_and_svd(tmp_path):
                 torch.testing.assert_close(dense(mc), ref, rtol=1e-6, atol=1e-9)
                 assert float((ref - dense(ms)).norm()) == pytest.approx(optimal_error(ref, 6), rel=1e-6)
         assert svd_report["summary"]["actions"] == {"svd": len(a.modules)}
+
+
+def _flux2_pair(tmp_path):
+    """FLUX.2 LoRAs in its two namings: native (fused qkv, final_layer) and diffusers (q/k/v parts, norm_out, whose
+    shift/scale halves are in the other order)."""
+    from safetensors.torch import save_file
+
+    g, h = torch.Generator().manual_seed(1), 64
+
+    def add(d, key, out_dim):
+        d[f"{key}.lora_A.weight"] = torch.randn(4, h, generator=g) * 0.1
+        d[f"{key}.lora_B.weight"] = torch.randn(out_dim, 4, generator=g) * 0.1
+
+    native, diffusers = {}, {}
+    add(native, "diffusion_model.double_blocks.0.img_attn.qkv", 3 * h)
+    add(native, "diffusion_model.final_layer.adaLN_modulation.1", 2 * h)
+    for p in "qkv":
+        add(diffusers, f"transformer.transformer_blocks.0.attn.to_{p}", h)
+    add(diffusers, "transformer.norm_out.linear", 2 * h)
+    save_file(native, tmp_path / "native.safetensors")
+    save_file(diffusers, tmp_path / "diffusers.safetensors")
+    return tmp_path / "native.safetensors", tmp_path / "diffusers.safetensors"
+
+
+def test_inputs_whose_namings_do_not_line_up_are_refused_not_merged_wrong(tmp_path):
+    """A fused weight adapted whole in one input and in parts in another, or modulation rows in opposite orders,
+    would be merged wrong (a part dropped, halves added crosswise): refused, naming both modules and the way out."""
+    native, diffusers = _flux2_pair(tmp_path)
+    loaded = [loratools.load(p, family="flux2") for p in (native, diffusers)]
+    with pytest.raises(UsageError, match="adapt one weight, their row halves in opposite orders: convert the inputs "
+                                         "to one naming first"):
+        loratools.merge([(loaded[0], 0.6), (loaded[1], -2.0)])  # the API: modules meet by their targets
+    from safetensors.torch import load_file, save_file
+
+    for p in (native, diffusers):  # the attention alone: fused in one, in parts in the other
+        save_file({k: v for k, v in load_file(p).items() if "final" not in k and "norm_out" not in k},
+                  tmp_path / f"qkv_{p.name}")
+    only_qkv = [(loratools.load(tmp_path / f"qkv_{p.name}", family="flux2"), w)
+                for p, w in ((native, 0.6), (diffusers, -2.0))]
+    with pytest.raises(UsageError, match="one whole, the other in parts"):
+        loratools.merge(only_qkv)
+
+
+def test_after_converting_to_one_naming_the_merge_is_the_weighted_sum(tmp_path):
+    native, diffusers = _flux2_pair(tmp_path)
+    comfy = loratools.convert(diffusers, to="comfy", output=tmp_path / "d.comfy.safetensors", family="flux2").output
+    a, b = loratools.load(native, family="flux2"), loratools.load(comfy, family="flux2")
+    out, _ = loratools.merge([(a, 0.6), (b, -2.0)])
+    for m in out.modules:
+        want = sum(w * dense(next(x for x in lora.modules if x.target == m.target))
+                   for lora, w in ((a, 0.6), (b, -2.0)))
+        torch.testing.assert_close(dense(m), want, rtol=1e-5, atol=1e-6)

@@ -89,6 +89,10 @@ class Codec:
         """How many of a file's adapter stems this format explains (the best score names the file's format)."""
         return sum(1 for st in stems if st.adapter_roles and self.claims(st))
 
+    def stores_alpha(self, family: Family) -> bool:
+        """Whether files of this format keep one ``.alpha`` per module for ``family`` (else scales are folded)."""
+        return False
+
     def model_naming(self, family: Family) -> str:
         """The naming (native or diffusers) this format writes the diffusion model in."""
         raise NotImplementedError

@@ -20,6 +20,9 @@ class _DownUpWriter(Codec):
 
     writable = True
 
+    def stores_alpha(self, family) -> bool:
+        return True
+
     def write(self, mods, family, dest: Path, metadata: dict, options: WriteOptions) -> list[Path]:
         items = self.items(mods, family, options)
         write_safetensors(dest, list(items), metadata, overwrite=options.overwrite, sync=options.sync,
@@ -88,6 +91,9 @@ class Comfy(_DownUpWriter):
         if om.space == "model":
             return "diffusion_model." + om.name
         return f"text_encoders.{family.encoder_slot(om.space, self.id)}.transformer.{om.name}"
+
+    def stores_alpha(self, family) -> bool:
+        return family.naming.comfy_factors != "lora_A"
 
     def items(self, mods, family, options: WriteOptions):
         if family.naming.comfy_factors == "lora_A":  # PEFT spelling: the scale is folded, no .alpha

@@ -64,6 +64,8 @@ def canonicalize(lora: Lora, family: Family, lora_only: bool = True) -> list[tup
                               lora.path)
         seen[key] = m.name
         m.target, m.part = f"{canon.space}:{canon.native}", canon.part
+        m.halves_swapped = table.rule(canon.space, canon.native).swaps(canon.naming, NATIVE, m.adapter.out_dim or 0,
+                                                                       m.adapter.in_dim or 0)
         out.append((m, canon))
     if unmatched:
         shown = ", ".join(unmatched[:20]) + (f" and {len(unmatched) - 20} more" if len(unmatched) > 20 else "")

@@ -125,9 +125,9 @@ def output_metadata(lora: Lora, family: Family | None, to: str, operation: str =
 ALPHA_FORMATS = ("kohya", "comfy")
 
 
-def alpha_warning(mods: list[OutModule], to: str, uniform: bool) -> str | None:
+def alpha_warning(mods: list[OutModule], codec, family: Family, uniform: bool) -> str | None:
     """Why a kohya-style file with several alphas may act differently in diffusers, or None."""
-    if uniform or to not in ALPHA_FORMATS or len({om.scale * om.rank for om in mods}) <= 1:
+    if uniform or not codec.stores_alpha(family) or len({om.scale * om.rank for om in mods}) <= 1:
         return None
     return ("modules have different alphas; diffusers' kohya reader applies one alpha to every module, so it "
             "would scale some of them wrongly: --uniform-alpha writes a file every loader reads the same")
@@ -147,7 +147,7 @@ def _write(lora: Lora, codec, to: str, dest: Path, family: str | None, operation
     warnings = list(lora.warnings)
     if options.uniform_alpha and len({om.scale * om.rank for om in mods}) > 1:
         meta["loratools.uniform_alpha"] = f"{common_alpha(mods):g}"  # provenance: scales were folded into lora_up
-    elif (note := alpha_warning(mods, to, options.uniform_alpha)) is not None:
+    elif (note := alpha_warning(mods, codec, writer_family, options.uniform_alpha)) is not None:
         warnings.append(note)
     made = [p for p in (dest.parent, *dest.parent.parents) if not p.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,7 @@ def merge(items: list[tuple[Lora, float]], *, method: str = "concat", rank: int 
             check_writable(lora, allow_nonfinite)
         check_modules(lora, lossy_rank)
     groups = list(_group(items, key or default_key).values())
+    _check_alignment(groups)
     mem, jobs, modules, rows = MemorySource(), [], [None] * len(groups), [None] * len(groups)
     loras = [lora for lora, _ in items]
     with cpu_threads(dev), nonfinite_reported(loras, allow_nonfinite or method != "svd"):
@@ -137,6 +138,28 @@ def _group(items, key) -> dict[Hashable, list[Term]]:
         for m in lora.modules:
             groups.setdefault(key(m), []).append(Term(index, lora, m, weight))
     return groups
+
+
+def _check_alignment(groups: list[list[Term]]) -> None:
+    """Refuse inputs whose namings do not line up module by module: one adapts a fused weight whole and another
+    its parts (q/k/v of one qkv), or their B rows come in the two orders of a swapped modulation (shift/scale)."""
+    whole: dict[str, Term] = {}
+    parts: dict[str, Term] = {}
+    for terms in groups:
+        first = terms[0]
+        for t in terms:
+            if t.module.target:
+                (parts if t.module.part else whole).setdefault(t.module.target, t)
+            if t.module.halves_swapped != first.module.halves_swapped:
+                _misaligned(first, t, "their row halves in opposite orders")
+    for target, t in whole.items():
+        if target in parts:
+            _misaligned(t, parts[target], "one whole, the other in parts")
+
+
+def _misaligned(a: Term, b: Term, how: str) -> None:
+    raise UsageError(f"'{a.module.name}' ({a.lora.path}) and '{b.module.name}' ({b.lora.path}) adapt one weight, "
+                     f"{how}: convert the inputs to one naming first (loratools convert --to FORMAT), then merge")
 
 
 def _label(m: Module) -> str:
