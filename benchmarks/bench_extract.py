@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -199,26 +197,6 @@ def run_child() -> None:
 
 # --- the parent -------------------------------------------------------------------------------------------------
 
-def spawn(args: dict) -> dict:
-    """One child: its result, wall seconds, CPU seconds (user + system, all threads) and peak RSS (MB), from wait4."""
-    env = {**os.environ, "PYTHONPATH": args["tree"]} if args.get("tree") else None
-    os.sync()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(args)], stdout=out, stderr=err,
-                                env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t
-        if os.waitstatus_to_exitcode(status):
-            err.seek(0)
-            sys.stderr.write(err.read()[-4000:])
-            raise SystemExit(f"child {args['kind']} failed")
-        out.seek(0)
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result.update(wall=wall, cpu=usage.ru_utime + usage.ru_stime, rss_mb=usage.ru_maxrss / 1024)
-    return result
-
-
 def sample_by_shape(shapes: dict[str, tuple], n: int) -> list[str]:
     groups = defaultdict(list)
     for key, shape in shapes.items():
@@ -240,7 +218,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from common import compile_bytecode, export, in_child
+    from common import compile_bytecode, export, in_child, run_child
 
     compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
@@ -267,13 +245,13 @@ def main() -> None:
         for round_ in range(args.repeat):
             shift = round_ % len(variants)
             for label, child in variants[shift:] + variants[:shift]:
-                result = spawn(child)
+                result = run_child(__file__, child)
                 if "tree" in result:  # the tree measured is the one asked for
                     assert Path(result["tree"]) == Path(child.get("tree") or ROOT), (result["tree"], child.get("tree"))
                 runs[label].append(result)
                 print(f"  round {round_ + 1}: {label}: {result['wall']:.1f} s", flush=True)
         ours = runs[variants[0][0]][-1]
-        accuracy = spawn({**common, "kind": "accuracy", "names": names, "retained": ours["retained"]})
+        accuracy = run_child(__file__, {**common, "kind": "accuracy", "names": names, "retained": ours["retained"]})
     _print(args, names, variants, runs, accuracy)
 
 

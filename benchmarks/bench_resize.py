@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -210,28 +209,6 @@ def run_child() -> None:
 
 # --- the parent -------------------------------------------------------------------------------------------------
 
-def spawn_measured(args: dict) -> dict:
-    """Run one child; its result plus wall seconds, and its own CPU seconds (user + system, all threads) and peak
-    RSS (MB) from wait4."""
-    env = {**os.environ, "PYTHONPATH": args["tree"]} if args.get("tree") else None
-    os.sync()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(args)], stdout=out, stderr=err,
-                                env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode:
-            err.seek(0)
-            sys.stderr.write(err.read()[-4000:])
-            raise SystemExit(f"child {args['kind']} failed")
-        out.seek(0)
-        result = json.loads(out.read().strip().splitlines()[-1])
-    result.update(wall=wall, cpu=usage.ru_utime + usage.ru_stime, rss_mb=usage.ru_maxrss / 1024)
-    return result
-
-
 def sample_by_shape(modules: list[tuple[str, list[int]]], n: int) -> list[str]:
     """About ``n`` module stems, each shape in proportion to its count (at least one per shape)."""
     groups: dict[tuple, list[str]] = defaultdict(list)
@@ -270,7 +247,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads in every variant")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from common import compile_bytecode, export, in_child, sdxl_kohya_modules, write_sdxl_kohya
+    from common import compile_bytecode, export, in_child, run_child, sdxl_kohya_modules, write_sdxl_kohya
 
     compile_bytecode()
     modules = sdxl_kohya_modules()
@@ -307,7 +284,7 @@ def main() -> None:
                 if op in outs:  # a new output every run: replacing one would time its fsync and the old file's freeing
                     child = {**child, "out": str(tmp / f"out-{len(runs[label])}-{variants.index((label, op, child))}"
                                                        ".safetensors")}
-                result = spawn_measured(child)
+                result = run_child(__file__, child)
                 if "tree" in result:  # the tree measured is the one asked for
                     assert Path(result["tree"]) == Path(child.get("tree") or ROOT), (result["tree"], child.get("tree"))
                 runs[label].append(result)
@@ -318,14 +295,14 @@ def main() -> None:
                     else:
                         os.unlink(child["out"])
         base_names = names if names is not None else [stem for stem, _ in modules]
-        spectra = spawn_measured({"kind": "spectra", "paths": [str(a), str(b)], "outs": outs,
+        spectra = run_child(__file__, {"kind": "spectra", "paths": [str(a), str(b)], "outs": outs,
                                   "names": [n for n in checked if n in set(base_names)], "rank": args.rank_out,
                                   "sigmas": str(tmp / "s.json")})
         profiles = {}
         if args.profile:
             for label, tree in trees.items():
                 for op, paths in (("resize", [str(a)]), ("merge", [str(a), str(b)])):
-                    profiles[f"{label}: {op}"] = spawn_measured({"kind": "profile", "op": op, "paths": paths,
+                    profiles[f"{label}: {op}"] = run_child(__file__, {"kind": "profile", "op": op, "paths": paths,
                                                                  "rank": args.rank_out, "top": 12, "tree": tree})
     _print(args, modules, names, runs, spectra, profiles)
 

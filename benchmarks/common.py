@@ -128,3 +128,28 @@ def export(rev: str, dest: Path) -> Path:
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(dest / "loratools")], check=True)
     return dest
+
+
+def run_child(script: str, args: dict) -> dict:
+    """``python SCRIPT --child ARGS_JSON`` in a fresh process (with ``args["tree"]`` first on its path when given):
+    the JSON its last stdout line holds, plus wall seconds, CPU seconds (user + system, all threads) and peak RSS
+    (MB) from wait4."""
+    import tempfile
+    import time as _time
+
+    env = {**os.environ, "PYTHONPATH": args["tree"]} if args.get("tree") else None
+    os.sync()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = _time.perf_counter()
+        proc = subprocess.Popen([sys.executable, script, "--child", json.dumps(args)], stdout=out, stderr=err,
+                                env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = _time.perf_counter() - t
+        if os.waitstatus_to_exitcode(status):
+            err.seek(0)
+            sys.stderr.write(err.read()[-4000:])
+            raise SystemExit(f"child {args['kind']} failed")
+        out.seek(0)
+        result = json.loads(out.read().strip().splitlines()[-1])
+    result.update(wall=wall, cpu=usage.ru_utime + usage.ru_stime, rss_mb=usage.ru_maxrss / 1024)
+    return result
