@@ -97,23 +97,21 @@ def training(lora: Lora) -> dict:
     }
 
 
-def _file_hashes(src) -> dict:
+def _file_hashes(src, path) -> dict:
+    """The hashes of the file ``src`` reads (AutoV3 from its data region when it is safetensors)."""
     from loratools.io.hashing import file_hashes
 
     header = getattr(src, "header", None)
-    return file_hashes(str(src.path), header.data_start if header is not None else None)
+    return file_hashes(str(getattr(src, "path", path)), header.data_start if header is not None else None)
 
 
 def hashes(lora: Lora) -> dict:
-    from loratools.io.hashing import file_hashes
-
     src = lora.source
     parts = getattr(src, "sources", None)
     if parts is not None:  # a folder of PEFT adapters, one per component: each weights file has its own hashes
-        return {"files": {os.path.relpath(str(part.path), str(lora.path)): _file_hashes(part) for part in parts}}
-    header = getattr(src, "header", None)
-    path = getattr(src, "path", lora.path)
-    out = file_hashes(str(path), header.data_start if header is not None else None)
+        return {"files": {os.path.relpath(str(part.path), str(lora.path)): _file_hashes(part, part.path)
+                          for part in parts}}
+    out = _file_hashes(src, lora.path)
     embedded = lora.metadata.get("sshs_model_hash")
     if embedded and "addnet" in out:
         out["embedded_sshs_model_hash"] = embedded

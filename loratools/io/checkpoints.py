@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from dataclasses import dataclass
 
@@ -143,8 +144,6 @@ def rewrite_index(index: dict, dest: str, sizes: dict[str, int], dropped: set[st
 
 def copy_file(src: str, dest: str) -> None:
     """Copy a base folder's file as it is; a failure is one line naming the file."""
-    import shutil
-
     try:
         shutil.copyfile(src, dest)
     except OSError as e:

@@ -145,7 +145,7 @@ def _write(lora: Lora, codec, to: str, dest: Path, family: str | None, operation
     writer_family = fam or get_family(lora.family.candidates[0])  # identical output for every candidate
     meta = output_metadata(lora, fam, to, operation)
     warnings = list(lora.warnings)
-    if options.uniform_alpha and len({om.scale * om.rank for om in mods}) > 1:
+    if options.uniform_alpha and codec.stores_alpha(writer_family) and len({om.scale * om.rank for om in mods}) > 1:
         meta["loratools.uniform_alpha"] = f"{common_alpha(mods):g}"  # provenance: scales were folded into lora_up
     elif (note := alpha_warning(mods, codec, writer_family, options.uniform_alpha)) is not None:
         warnings.append(note)
