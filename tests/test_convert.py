@@ -406,10 +406,16 @@ def test_the_finite_and_zero_tests_agree_with_the_values_on_every_bit_pattern(dt
 # --- NaN and Inf in a conversion: the writer tests each tensor's bytes on their way out ---------------------
 
 
-def test_the_writer_refuses_nan_wherever_it_lies_and_publishes_nothing(tmp_path):
+@pytest.mark.parametrize("whole", [32 << 20, 0], ids=["assembled", "streamed"])
+def test_the_writer_refuses_nan_wherever_it_lies_and_publishes_nothing(tmp_path, monkeypatch, whole):
     """A copied tensor is tested piece by piece as it is read (the NaN sits past the first piece); a computed one
-    as it is; a clean file is the same bytes with or without the test; nothing is left behind on refusal."""
+    as it is; in a small file assembled in memory, the tensor named is the one that holds it, among tensors of
+    one dtype tested together; a clean file is the same bytes with or without the test; nothing is left behind
+    on refusal."""
+    from loratools.io import writer as writer_mod
     from loratools.io.writer import NonFinite
+
+    monkeypatch.setattr(writer_mod, "_WHOLE", whole)
 
     big = np.zeros(700_000, np.float16)  # 1.4 MB: more than one piece
     big[650_000] = np.nan
@@ -417,11 +423,13 @@ def test_the_writer_refuses_nan_wherever_it_lies_and_publishes_nothing(tmp_path)
                                                       ("ok", "F16", (3,), np.ones(3, np.float16))])
     with SafetensorsFile(tmp_path / "src.safetensors") as f:
         spans = f.spans("big", [(0, big.nbytes)])
+        ones = [(f"ones{i}", "F16", (3,), np.ones(3, np.float16)) for i in range(3)]
         for items in ([("copied", "F16", big.shape, spans)],
-                      [("computed", "F32", (2,), np.array([1.0, np.inf], np.float32))]):
+                      [("computed", "F32", (2,), np.array([1.0, np.inf], np.float32))],
+                      [ones[0], ("copied", "F16", big.shape, spans), *ones[1:]]):
             with pytest.raises(NonFinite) as err:
                 write_safetensors(tmp_path / "out.safetensors", items, finite=True)
-            assert err.value.tensor == items[0][0]
+            assert err.value.tensor == next(it[0] for it in items if it[0] in ("copied", "computed"))
             assert os.listdir(tmp_path) == ["src.safetensors"]
         write_safetensors(tmp_path / "raw.safetensors", [("copied", "F16", big.shape, spans)])
         with SafetensorsFile(tmp_path / "raw.safetensors") as raw:

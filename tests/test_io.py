@@ -240,6 +240,7 @@ def _source_file(tmp_path) -> tuple[SafetensorsFile, dict[str, bytes]]:
 
 @pytest.mark.parametrize("kernel_copy", ["used", "refused", "missing"])
 def test_spans_are_copied_file_to_file(tmp_path, monkeypatch, kernel_copy):
+    monkeypatch.setattr(writer_mod, "_WHOLE", 0)  # the streaming writer, as for files over 32 MiB
     calls = []
 
     def refuse(*_args):
@@ -281,6 +282,7 @@ def test_spans_are_copied_file_to_file(tmp_path, monkeypatch, kernel_copy):
 def test_copies_follow_their_source_order_and_page(tmp_path, monkeypatch):
     """Spans given in any order are laid out in source order behind the other tensors, copied in one piece,
     at the same place within a page as in the source; the header keeps the names in the given order."""
+    monkeypatch.setattr(writer_mod, "_WHOLE", 0)  # the streaming writer, as for files over 32 MiB
     calls = []
     monkeypatch.setattr(spans_mod, "_copy_file_range", lambda *a: (calls.append(a), os.copy_file_range(*a))[1])
     src, raw = _source_file(tmp_path)
@@ -305,6 +307,7 @@ def test_copies_follow_their_source_order_and_page(tmp_path, monkeypatch):
 def test_large_files_place_copies_like_their_source_within_the_copy_unit(tmp_path, monkeypatch):
     """In a large output the first copied span sits at the same offset modulo the copy unit as in its source (the
     kernel copies such ranges fastest); the copy is then one call."""
+    monkeypatch.setattr(writer_mod, "_WHOLE", 0)  # the streaming writer, as for files over 32 MiB
     calls = []
     monkeypatch.setattr(spans_mod, "_copy_file_range", lambda *a: (calls.append(a), os.copy_file_range(*a))[1])
     monkeypatch.setattr(writer_mod, "_COPY_UNIT", 8192)
@@ -322,10 +325,40 @@ def test_large_files_place_copies_like_their_source_within_the_copy_unit(tmp_pat
     src.close()
 
 
-@pytest.mark.parametrize("kernel_copy", [True, False])
-def test_source_cut_short_while_copying_is_a_clean_error(tmp_path, monkeypatch, kernel_copy):
+@pytest.mark.parametrize("group_copies", [False, True])
+def test_small_files_assembled_in_memory_match_the_streaming_writer(tmp_path, monkeypatch, group_copies):
+    """Spans (whole, rows, continuing, swapped, of two tensors), bytes, arrays and producers, in any order: a file
+    assembled in memory is byte for byte the file the streaming writer makes."""
+    src, raw = _source_file(tmp_path)
+    row = 48 * 2
+    items = [
+        ("alpha", "F32", (), struct.pack("<f", 8.0)),
+        ("rows", "F16", (10, 48), lambda: src.spans("a", [(5 * row, 15 * row)])),
+        ("next", "F16", (5, 48), src.spans("a", [(15 * row, 20 * row)])),
+        ("computed", "F32", (3,), lambda: np.arange(3, dtype=np.float32)),
+        ("swapped", "F16", (4, 48), src.spans("a", [(2 * row, 4 * row), (0, 2 * row)])),
+        ("b", "BF16", (3, 5), src.spans("b", [(0, 30)])),
+        ("whole", "F16", (64, 48), src.spans("a", [(0, 64 * row)])),
+        ("c", "F32", (7,), raw["c"]),
+    ]
+    files = {}
+    for name, whole in (("assembled", 32 << 20), ("streamed", 0)):
+        monkeypatch.setattr(writer_mod, "_WHOLE", whole)
+        files[name] = tmp_path / f"{name}.safetensors"
+        write_safetensors(files[name], items, {"k": "v"}, group_copies=group_copies, finite=True)
+    assert files["assembled"].read_bytes() == files["streamed"].read_bytes()
+    got = safetensors.torch.load_file(files["assembled"])
+    a = torch.frombuffer(bytearray(raw["a"]), dtype=torch.float16).reshape(64, 48)
+    assert torch.equal(got["rows"], a[5:15]) and torch.equal(got["swapped"], torch.cat([a[2:4], a[0:2]]))
+    src.close()
+
+
+@pytest.mark.parametrize("path", ["kernel copy", "copy through memory", "assembled"])
+def test_source_cut_short_while_copying_is_a_clean_error(tmp_path, monkeypatch, path):
     monkeypatch.setattr(spans_mod.mmap, "PAGESIZE", 2)
-    if not kernel_copy:
+    if path != "assembled":
+        monkeypatch.setattr(writer_mod, "_WHOLE", 0)
+    if path == "copy through memory":
         monkeypatch.setattr(spans_mod, "_copy_file_range", None)
     src, _ = _source_file(tmp_path)
     os.truncate(src.path, src.header.file_size - 100)  # after its header was read

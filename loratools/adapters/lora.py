@@ -36,9 +36,8 @@ class LoRA(Adapter):
 
     @property
     def in_dim(self) -> int | None:
-        if self.has("lora_mid") or len(self.down.shape) < 2:
-            return self.down.shape[1] if len(self.down.shape) > 1 else None
-        return self.down.shape[1]
+        shape = self.down.shape  # Tucker's down is [r, in, 1, 1] too
+        return shape[1] if len(shape) > 1 else None
 
     @property
     def kernel(self) -> tuple[int, ...] | None:
