@@ -21,11 +21,11 @@ EXAMPLE = ROOT / "fixtures" / "examples" / "sdxl_slider_kohya.safetensors"
 
 
 def _editable() -> bool:
-    try:
-        text = importlib.metadata.distribution("loratools").read_text("direct_url.json")
-    except importlib.metadata.PackageNotFoundError:
-        return True  # a bare source tree on sys.path
-    return bool(text and json.loads(text).get("dir_info", {}).get("editable"))
+    """A development install: no installed distribution, or an editable one among those found (an editable
+    install leaves a ``loratools.egg-info`` in the tree, which is found first from the tree's root)."""
+    dists = [d for d in importlib.metadata.distributions() if d.metadata["Name"] == "loratools"]
+    texts = [d.read_text("direct_url.json") for d in dists]
+    return not dists or any(t and json.loads(t).get("dir_info", {}).get("editable") for t in texts)
 
 
 @pytest.fixture(scope="module")
