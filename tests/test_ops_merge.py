@@ -238,14 +238,34 @@ def _flux2_pair(tmp_path):
     return tmp_path / "native.safetensors", tmp_path / "diffusers.safetensors"
 
 
-def test_inputs_whose_namings_do_not_line_up_are_refused_not_merged_wrong(tmp_path):
-    """A fused weight adapted whole in one input and in parts in another, or modulation rows in opposite orders,
-    would be merged wrong (a part dropped, halves added crosswise): refused, naming both modules and the way out."""
+@pytest.mark.parametrize("method", ["concat", "svd"])
+@pytest.mark.parametrize("first", ["native", "diffusers"])
+def test_modulation_rows_in_opposite_orders_are_merged_in_the_first_inputs_order(tmp_path, method, first):
+    """The adaLN modulation's shift/scale halves come in opposite orders in the native and diffusers namings: the
+    other input's B rows are swapped to the first input's order, so the merge is the weighted sum of the ΔWs."""
+    from safetensors.torch import load_file, save_file
+
     native, diffusers = _flux2_pair(tmp_path)
-    loaded = [loratools.load(p, family="flux2") for p in (native, diffusers)]
-    with pytest.raises(UsageError, match="adapt one weight, their row halves in opposite orders: convert the inputs "
-                                         "to one naming first"):
-        loratools.merge([(loaded[0], 0.6), (loaded[1], -2.0)])  # the API: modules meet by their targets
+    paths = {}
+    for p in (native, diffusers):  # the modulation alone
+        paths[p] = tmp_path / f"mod_{p.name}"
+        save_file({k: v for k, v in load_file(p).items() if "final" in k or "norm_out" in k}, paths[p])
+    order = [(native, 0.6), (diffusers, -2.0)][:: 1 if first == "native" else -1]
+    items = [(loratools.load(paths[p], family="flux2"), w) for p, w in order]
+    out, _ = loratools.merge(items, method=method, rank=8 if method == "svd" else None)
+    (m,) = out.modules
+    assert m.name == items[0][0].modules[0].name
+    swapped = lambda d: torch.cat([d[d.shape[0] // 2:], d[: d.shape[0] // 2]])  # noqa: E731
+    want = items[0][1] * dense(items[0][0].modules[0]) + items[1][1] * swapped(dense(items[1][0].modules[0]))
+    torch.testing.assert_close(dense(m), want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(dense(m), want - items[1][1] * (swapped(dense(items[1][0].modules[0]))
+                                                              - dense(items[1][0].modules[0])), atol=1e-3)
+
+
+def test_inputs_whose_namings_do_not_line_up_are_refused_not_merged_wrong(tmp_path):
+    """A fused weight adapted whole in one input and in parts in another would be merged wrong (a part dropped):
+    refused, naming both modules and the way out."""
+    native, diffusers = _flux2_pair(tmp_path)
     from safetensors.torch import load_file, save_file
 
     for p in (native, diffusers):  # the attention alone: fused in one, in parts in the other

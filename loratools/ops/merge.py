@@ -142,7 +142,8 @@ def _group(items, key) -> dict[Hashable, list[Term]]:
 
 def _check_alignment(groups: list[list[Term]]) -> None:
     """Refuse inputs whose namings do not line up module by module: one adapts a fused weight whole and another
-    its parts (q/k/v of one qkv), or their B rows come in the two orders of a swapped modulation (shift/scale)."""
+    its parts (q/k/v of one qkv). B rows in the two orders of a swapped modulation (shift/scale) are brought to
+    the first input's order (``_flipped``), except in norm and bias-only deltas."""
     whole: dict[str, Term] = {}
     parts: dict[str, Term] = {}
     for terms in groups:
@@ -150,11 +151,24 @@ def _check_alignment(groups: list[list[Term]]) -> None:
         for t in terms:
             if t.module.target:
                 (parts if t.module.part else whole).setdefault(t.module.target, t)
-            if t.module.halves_swapped != first.module.halves_swapped:
+            if _flipped(t, first) and t.module.adapter.is_vector:
                 _misaligned(first, t, "their row halves in opposite orders")
     for target, t in whole.items():
         if target in parts:
             _misaligned(t, parts[target], "one whole, the other in parts")
+
+
+def _flipped(t: Term, first: Term) -> bool:
+    """Whether ``t``'s B rows come in the other order of a swapped modulation than the first term's."""
+    return t.module.halves_swapped != first.module.halves_swapped
+
+
+def _swap_halves(x):
+    """The two row halves of ``x`` traded (a view of new memory, so it may be copied back into ``x``)."""
+    import torch
+
+    half = x.shape[0] // 2
+    return torch.cat([x[half:], x[:half]])
 
 
 def _misaligned(a: Term, b: Term, how: str) -> None:
@@ -185,9 +199,15 @@ def _merge_group(terms: list[Term], rule: RankRule | None, dev, lossy_rank, mem,
                             f"{other.adapter.label} delta")
     if rule is None:
         factors = [module_factors(t.module, dev, lossy_rank) for t in terms]
+        for t, f in zip(terms, factors):
+            if _flipped(t, terms[0]):
+                f.up = _swap_halves(f.up)
     else:  # plain LoRA factors are read later, by the job, straight into its batch
         parts = [factor_job(0, t.module, dev, lossy_rank) for t in terms]
         factors = [f for f, _ in parts]
+    for t, f in zip(terms, factors):
+        if _flipped(t, terms[0]):
+            f.biases = {role: _swap_halves(b) for role, b in f.biases.items()}
     shape, up_ndim = _fit(terms, factors)
     row["ranks"] = [f.rank for f in factors]
     lossy = [{"input": t.index, "type": t.module.adapter.label, "error": f.lossy_error}
@@ -209,6 +229,8 @@ def _merge_group(terms: list[Term], rule: RankRule | None, dev, lossy_rank, mem,
         for t, f, job in zip(terms, factors, jobs):
             cols = slice(at, at + f.rank)
             job.fill(up[:, cols], down[cols])
+            if _flipped(t, terms[0]):
+                up[:, cols] = _swap_halves(up[:, cols])
             up[:, cols] *= t.weight * f.scale
             at += f.rank
 
