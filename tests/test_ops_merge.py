@@ -262,19 +262,73 @@ def test_modulation_rows_in_opposite_orders_are_merged_in_the_first_inputs_order
                                                               - dense(items[1][0].modules[0])), atol=1e-3)
 
 
-def test_inputs_whose_namings_do_not_line_up_are_refused_not_merged_wrong(tmp_path):
-    """A fused weight adapted whole in one input and in parts in another would be merged wrong (a part dropped):
-    refused, naming both modules and the way out."""
-    native, diffusers = _flux2_pair(tmp_path)
+@pytest.mark.parametrize("method", ["concat", "svd"])
+@pytest.mark.parametrize("first", ["whole", "parts"])
+def test_a_fused_weight_whole_in_one_input_and_in_parts_in_another_is_merged_exactly(tmp_path, method, first):
+    """FLUX.2's qkv, fused in the native naming and as to_q/to_k/to_v in diffusers': the other input is split (A
+    shared, B's rows) or made whole (A stacked, B block-diagonal) into the first's layout, and every merged
+    module is the weighted sum of the ΔWs of the rows it covers."""
     from safetensors.torch import load_file, save_file
 
-    for p in (native, diffusers):  # the attention alone: fused in one, in parts in the other
-        save_file({k: v for k, v in load_file(p).items() if "final" not in k and "norm_out" not in k},
-                  tmp_path / f"qkv_{p.name}")
-    only_qkv = [(loratools.load(tmp_path / f"qkv_{p.name}", family="flux2"), w)
-                for p, w in ((native, 0.6), (diffusers, -2.0))]
+    native, diffusers = _flux2_pair(tmp_path)
+    paths = {}
+    for p in (native, diffusers):  # the attention alone
+        paths[p] = tmp_path / f"qkv_{p.name}"
+        save_file({k: v for k, v in load_file(p).items() if "attn" in k}, paths[p])
+    order = [(native, 0.6), (diffusers, -2.0)][:: 1 if first == "whole" else -1]
+    items = [(loratools.load(paths[p], family="flux2"), w) for p, w in order]
+    out, report = loratools.merge(items, method=method, rank=16 if method == "svd" else None)
+    whole = next(lora for lora, _ in items if len(lora.modules) == 1).modules[0]
+    parts = sorted(next(lora for lora, _ in items if len(lora.modules) == 3).modules, key=lambda m: m.part.index)
+    assert [m.name[-1] for m in parts] == ["q", "k", "v"]
+    w_whole, w_parts = (0.6, -2.0)
+    fused_parts = torch.cat([dense(m) for m in parts])  # q, k, v rows in the fused weight's order
+    if first == "whole":
+        (m,) = out.modules
+        assert m.part is None and m.name == whole.name
+        torch.testing.assert_close(dense(m), w_whole * dense(whole) + w_parts * fused_parts, rtol=1e-4, atol=1e-5)
+    else:
+        merged = sorted(out.modules, key=lambda m: m.part.index)
+        assert [m.part.index for m in merged] == [0, 1, 2]
+        rows = dense(whole).shape[0] // 3
+        for m, own in zip(merged, parts):
+            k = m.part.index
+            want = w_parts * dense(own) + w_whole * dense(whole)[k * rows: (k + 1) * rows]
+            torch.testing.assert_close(dense(m), want, rtol=1e-4, atol=1e-5)
+    assert all(len(row["sources"]) == 2 for row in report["modules"])
+
+
+def test_a_fused_weight_that_cannot_be_split_or_fused_is_refused(tmp_path):
+    """A module with a bias in the other layout is refused (where each part's bias would go is not this
+    operation's to decide), naming the way out; a custom key keeps modules apart by that key, and a whole and a
+    part of one weight are refused then."""
+    from safetensors.torch import load_file, save_file
+
+    native, diffusers = _flux2_pair(tmp_path)
+    tensors = {k: v for k, v in load_file(native).items() if "attn" in k}
+    tensors["diffusion_model.double_blocks.0.img_attn.qkv.lora_B.bias"] = torch.ones(3 * 64)
+    save_file(tensors, tmp_path / "bias.safetensors")
+    save_file({k: v for k, v in load_file(diffusers).items() if "attn" in k}, tmp_path / "parts.safetensors")
+    bias, parts = (loratools.load(tmp_path / n, family="flux2") for n in ("bias.safetensors", "parts.safetensors"))
+    with pytest.raises(UsageError, match=r"adapts double_blocks.0.img_attn.qkv whole, the first input that adapts "
+                                         r"it in parts; only plain LoRA modules \(no bias, no DoRA\) are split or "
+                                         "fused: convert the inputs to one naming first"):
+        loratools.merge([(parts, 1.0), (bias, 1.0)])
+    from loratools.api import _canonical_targets
+
+    plain = loratools.load(paths_only_attn(native, tmp_path), family="flux2")
+    for lora in (plain, parts):
+        _canonical_targets(lora)
     with pytest.raises(UsageError, match="one whole, the other in parts"):
-        loratools.merge(only_qkv)
+        merge([(plain, 1.0), (parts, 1.0)], key=lambda m: (m.target, m.part.index if m.part else None))
+
+
+def paths_only_attn(path, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / f"attn_{path.name}"
+    save_file({k: v for k, v in load_file(path).items() if "attn" in k}, out)
+    return out
 
 
 def test_after_converting_to_one_naming_the_merge_is_the_weighted_sum(tmp_path):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from loratools.errors import ShapeMismatch, UsageError
 from loratools.model import Lora, MemorySource, Module
+from loratools.ops.align import align
 from loratools.ops.validate import check_writable
 from loratools.ops.batched import Job
 from loratools.ops.factors import (Factors, factor_job, lora_module, module_factors, stored_factors,
@@ -76,9 +77,11 @@ def merge(items: list[tuple[Lora, float]], *, method: str = "concat", rank: int 
         else:
             check_writable(lora, allow_nonfinite)
         check_modules(lora, lossy_rank)
-    groups = list(_group(items, key or default_key).values())
+    mem = MemorySource()
+    inputs = align(items, mem) if key is None else [lora.modules for lora, _ in items]
+    groups = list(_group(items, inputs, key or default_key).values())
     _check_alignment(groups)
-    mem, jobs, modules, rows = MemorySource(), [], [None] * len(groups), [None] * len(groups)
+    jobs, modules, rows = [], [None] * len(groups), [None] * len(groups)
     loras = [lora for lora, _ in items]
     with cpu_threads(dev), nonfinite_reported(loras, allow_nonfinite or method != "svd"):
         for g, terms in enumerate(groups):
@@ -131,19 +134,19 @@ def _check_families(items: list[tuple[Lora, float]], allow: bool) -> None:
                          "pass --allow-mixed-families to merge anyway")
 
 
-def _group(items, key) -> dict[Hashable, list[Term]]:
+def _group(items, inputs: list[list[Module]], key) -> dict[Hashable, list[Term]]:
     """Terms per module identity, in first-seen order (the first input's module order, then newcomers)."""
     groups: dict[Hashable, list[Term]] = {}
-    for index, (lora, weight) in enumerate(items):
-        for m in lora.modules:
+    for index, ((lora, weight), modules) in enumerate(zip(items, inputs)):
+        for m in modules:
             groups.setdefault(key(m), []).append(Term(index, lora, m, weight))
     return groups
 
 
 def _check_alignment(groups: list[list[Term]]) -> None:
-    """Refuse inputs whose namings do not line up module by module: one adapts a fused weight whole and another
-    its parts (q/k/v of one qkv). B rows in the two orders of a swapped modulation (shift/scale) are brought to
-    the first input's order (``_flipped``), except in norm and bias-only deltas."""
+    """Refuse what cannot line up: a fused weight adapted whole in one input and in parts in another when a custom
+    ``key`` kept ``align`` out, and norm or bias-only deltas of a modulation whose row halves come in opposite
+    orders (B rows of LoRA modules are brought to the first input's order, ``_flipped``)."""
     whole: dict[str, Term] = {}
     parts: dict[str, Term] = {}
     for terms in groups:
