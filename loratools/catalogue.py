@@ -24,7 +24,7 @@ RECORD_VERSION = 1  # bumped when a record's fields change: older records are th
 
 
 def walk(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """Every LoRA-like file and adapter folder under ``paths``, each once: symlinked folders are followed, but a
+    """Every LoRA-like file, adapter folder and diffusers pipeline folder under ``paths``, each once: symlinked folders are followed, but a
     folder already seen (a loop, or two links to one place) is not walked again, and a file reached twice (a
     link, or a root inside another) is listed once. A folder that cannot be listed is listed itself, so that its
     record says why (the inventory is never silently incomplete)."""
@@ -57,7 +57,8 @@ def walk(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
                 continue
             seen_dirs.add((st.st_dev, st.st_ino))
             dirs.sort()
-            if PEFT_CONFIG in files or peft_bundle(folder) or any(w in files for w in DIFFUSERS_WEIGHTS):
+            if (PEFT_CONFIG in files or MODEL_INDEX in files or peft_bundle(folder)
+                    or any(w in files for w in DIFFUSERS_WEIGHTS)):
                 yield from emit(folder)
                 dirs[:] = []
                 continue
@@ -116,18 +117,23 @@ def _contradictions(info: dict) -> list[str]:
     return out
 
 
-def _checkpoint(path: str) -> dict | None:
-    """A record for a base checkpoint (not a LoRA), or None when the file is not one either."""
+MODEL_INDEX = "model_index.json"  # a diffusers pipeline folder: one checkpoint, its family told by this file too
+
+
+def _checkpoint(path: str, hashes: bool = False) -> dict:
+    """A record for a base checkpoint (a file, or a diffusers pipeline folder): LoraToolsError when it is not one."""
     from loratools.io.checkpoints import open_base
+    from loratools.io.hashing import file_hashes
     from loratools.ops.placement import base_family
 
-    try:
-        with open_base(path) as base:
-            fid, fits, how = base_family(base)
-            return {"kind": "checkpoint", "family": fid, "candidates": list(fits), "told_by": how or None,
-                    "tensors": sum(len(f.header.tensors) for f in base.files)}
-    except LoraToolsError:
-        return None
+    with open_base(path) as base:
+        fid, fits, how = base_family(base)
+        record = {"kind": "checkpoint", "family": fid, "candidates": list(fits), "told_by": how or None,
+                  "tensors": sum(len(f.header.tensors) for f in base.files)}
+        if hashes:
+            record["hashes"] = ({"files": {f.rel: file_hashes(f.sf.path, None) for f in base.files}} if base.is_folder
+                                else file_hashes(path, None))
+    return record
 
 
 def _inspect(path: str) -> dict:
@@ -151,19 +157,19 @@ def inspect_one(path: str, hashes: bool = False) -> dict:
                                            "--allow-pickle)")
         return record
     try:
+        if is_dir and os.path.isfile(os.path.join(path, MODEL_INDEX)):
+            record.update(_checkpoint(path, hashes))
+            return record
         if hashes or is_dir:
             info = api.inspect(path, hashes=hashes, metadata=False)
         else:
             info = _MEMO.inspect(path, _inspect)
     except LoraToolsError as exc:
-        ckpt = _checkpoint(path) if "not a LoRA" in exc.message or "no usable module" in exc.message else None
-        if ckpt is not None:
-            record.update(ckpt)
-            if hashes and not is_dir:
-                from loratools.io.hashing import file_hashes
-
-                record["hashes"] = file_hashes(path, None)
-        else:
+        try:
+            if "not a LoRA" not in exc.message and "no usable module" not in exc.message:
+                raise
+            record.update(_checkpoint(path, hashes))
+        except LoraToolsError:
             record.update(kind="broken", error=exc.message)
         return record
     record.update(kind="lora", info=info, problems=_contradictions(info))
@@ -226,6 +232,19 @@ def read_catalogue(path: str | os.PathLike, *, strict: bool = False, missing_ok:
 KINDS = ("lora", "checkpoint", "pickle", "broken")
 
 
+def _hashes_shape(hashes: object) -> bool:
+    """Hash names to hex text (and whether an embedded hash matches); for a folder (PEFT adapters per component, a diffusers pipeline), ``files``: each
+    weights file's relative path to such a map."""
+    if not isinstance(hashes, dict):
+        return False
+    files = hashes.get("files")
+    if files is not None:
+        return len(hashes) == 1 and isinstance(files, dict) and all(
+            isinstance(k, str) and isinstance(v, dict) and all(isinstance(h, str) for h in v.values())
+            for k, v in files.items())
+    return all(v is None or isinstance(v, (str, bool)) for v in hashes.values())  # embedded_matches: a bool
+
+
 def record_problem(r: dict) -> str | None:
     """What is wrong with the shape of a record (the fields summaries and catalogues read), or None."""
     def num(v, optional=True) -> bool:
@@ -240,7 +259,7 @@ def record_problem(r: dict) -> str | None:
         (num(r.get("size")) and num(r.get("mtime_ns")), "size"), (text(r.get("error")), "error"),
         (isinstance(r.get("problems", []), list) and all(isinstance(x, str) for x in r.get("problems", [])),
          "problems"),
-        (hashes is None or (isinstance(hashes, dict) and all(text(v) for v in hashes.values())), "hashes"),
+        (hashes is None or _hashes_shape(hashes), "hashes"),
         (info is None or r.get("kind") == "lora", "info"), (r.get("kind") != "checkpoint" or text(r.get("family")),
                                                            "family"),
     ]

@@ -321,3 +321,52 @@ def test_a_parquet_catalogue_holds_the_same_records_and_reruns_incrementally(col
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     with pytest.raises(loratools.errors.LoraToolsError, match="not a loratools scan catalogue"):
         loratools.scan([work], tmp_path / "bad.parquet")
+
+
+def test_a_diffusers_pipeline_folder_is_one_checkpoint_told_by_its_model_index(tmp_path):
+    """A folder with model_index.json (shards, an index, a VAE) is one checkpoint record, its family from the
+    pipeline class and its weights, not one record per file; a LoRA beside it keeps its own record; with --hash
+    each weights file is hashed, and a rerun reuses the record."""
+    from test_bake import _diffusers_folder
+
+    _diffusers_folder(tmp_path / "models", 32)
+    pipeline = tmp_path / "models" / "base"
+    (pipeline / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline",
+                                                           "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    synthesize("sd15__peft__faithsang.json", tmp_path / "models" / "style.safetensors", seed=1)
+    cat = tmp_path / "catalogue.jsonl"
+    records = {Path(r["path"]).name: r for r in loratools.scan([tmp_path / "models"], cat, hashes=True)}
+    assert set(records) == {"base", "style.safetensors"}
+    ckpt = records["base"]
+    assert ckpt["kind"] == "checkpoint" and ckpt["family"] == "flux1" and ckpt["error"] is None
+    assert "model_index.json (FluxPipeline)" in ckpt["told_by"] and ckpt["tensors"] == 6
+    files = ckpt["hashes"]["files"]
+    assert sorted(files) == sorted(str(p.relative_to(pipeline)) for p in pipeline.rglob("*.safetensors"))
+    assert all(len(h["sha256"]) == 64 for h in files.values())
+    assert records["style.safetensors"]["kind"] == "lora"
+    again = loratools.scan([tmp_path / "models"], cat, hashes=True)
+    assert all(r.get("reused") for r in again)
+    (pipeline / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 8)
+    broken = {Path(r["path"]).name: r for r in loratools.scan([tmp_path / "models"], cat)}["base"]
+    assert broken["kind"] == "broken" and "\n" not in broken["error"] and not broken.get("reused")
+
+
+def test_records_with_hashes_of_folders_and_embedded_hashes_are_reused(tmp_path):
+    """--hash records whose hashes hold more than hex text (a PEFT folder's per-file hashes, a kohya file's
+    embedded sshs_model_hash and whether it matches) are valid records: a rerun reuses them."""
+    synthesize("sdxl__kohya__invokeai-slider-keys-only.json", tmp_path / "k.safetensors", seed=2)
+    lora = loratools.load(tmp_path / "k.safetensors")
+    from loratools.io.reader import SafetensorsFile
+    from loratools.io.writer import write_safetensors
+
+    with SafetensorsFile(tmp_path / "k.safetensors") as src:
+        items = [(k, i.dtype, i.shape, src.read_bytes(k)) for k, i in src.header.tensors.items()]
+        write_safetensors(tmp_path / "embedded.safetensors", items, {**src.metadata, "sshs_model_hash": "0x1234"})
+    lora.close()
+    loratools.convert(tmp_path / "k.safetensors", "peft", tmp_path / "peft")
+    (tmp_path / "k.safetensors").unlink()
+    cat = tmp_path / "catalogue.jsonl"
+    first = {Path(r["path"]).name: r for r in loratools.scan([tmp_path], cat, hashes=True)}
+    assert first["embedded.safetensors"]["hashes"]["embedded_matches"] is False
+    assert "files" in first["peft"]["hashes"]
+    assert all(r.get("reused") for r in loratools.scan([tmp_path], cat, hashes=True))
