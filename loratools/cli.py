@@ -11,6 +11,7 @@ import gc
 import json
 import os
 import sys
+import traceback
 
 import click
 
@@ -22,8 +23,8 @@ INTERNAL_ERROR = 3  # exit code of a bug (an exception outside LoraToolsError); 
 
 
 def _fail(exc: LoraToolsError, debug: bool) -> None:
-    if debug:
-        raise exc
+    if debug:  # the traceback, and still the error's own exit code (scripts tell refusals from bugs by it)
+        traceback.print_exception(exc)
     click.echo(f"loratools: error: {one_line(str(exc))}", err=True)
     sys.exit(exc.exit_code)
 
@@ -157,7 +158,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except Exception as exc:  # a bug: still one line for the user, the traceback with --debug
         if "--debug" in sys.argv:
-            raise
+            traceback.print_exception(exc)
         first = one_line((str(exc).splitlines() or [""])[0][:300])
         click.echo(f"loratools: internal error: {type(exc).__name__}: {first} — please report it; --debug shows "
                    "the traceback", err=True)

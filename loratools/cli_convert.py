@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import traceback
 from dataclasses import asdict
 
 import click
@@ -27,7 +28,8 @@ def _one(args: tuple) -> dict:
                         uniform_alpha=uniform_alpha, kohya_names=names, allow_nonfinite=nonfinite)
         return {"ok": True, **asdict(r)}
     except LoraToolsError as exc:  # a problem with another file (the output, a base) names that file too
-        return {"ok": False, "path": path, "error": exc.message if exc.path in (None, path) else str(exc)}
+        return {"ok": False, "path": path, "error": exc.message if exc.path in (None, path) else str(exc),
+                "traceback": traceback.format_exc()}  # shown with --debug, never in the JSON
 
 
 @click.command()
@@ -96,6 +98,10 @@ def convert(ctx, paths, to, output, family, dtype, jobs, overwrite, allow_pickle
              uniform_alpha, kohya_names, allow_nonfinite) for f, out in found]
     results = _run(work, jobs, show=not as_json and sys.stderr.isatty())
     failed = [r for r in results if not r["ok"]]
+    for r in results:
+        trace = r.pop("traceback", None)
+        if trace and ctx.obj["debug"]:
+            click.echo(trace, err=True, nl=False)
     for r in failed:
         click.echo(one_line(f"loratools: error: {r['path']}: {r['error']}"), err=True)
     if not as_json:  # in JSON they are each result's "warnings"

@@ -312,8 +312,17 @@ def test_a_bug_is_one_line_with_its_own_exit_code(tmp_path, cli, monkeypatch):
     code, lines = cli("inspect", _kohya(tmp_path / "ok.safetensors"))
     assert code == 3 and len(lines) == 1 and lines[0].startswith("loratools: internal error: ZeroDivisionError")
     assert "--debug" in lines[0]
-    with pytest.raises(ZeroDivisionError):
-        cli("--debug", "inspect", tmp_path / "ok.safetensors")
+    code, lines = cli("--debug", "inspect", tmp_path / "ok.safetensors")  # the traceback, the same exit code
+    assert code == 3 and lines[0].startswith("Traceback") and "ZeroDivisionError: a bug" in lines
+    assert lines[-1].startswith("loratools: internal error: ZeroDivisionError")
+
+
+def test_debug_shows_the_traceback_of_a_refusal_and_keeps_its_exit_code(tmp_path, cli):
+    (tmp_path / "bad.safetensors").write_bytes(b"\0" * 4)
+    for args in (("inspect",), ("convert", "--to", "diffusers")):
+        code, lines = cli("--debug", *args, tmp_path / "bad.safetensors")
+        assert code == 2 and lines[0].startswith("Traceback"), lines
+        assert lines[-1].startswith("loratools: error: ") and "bad.safetensors" in lines[-1]
 
 
 class Stuck(BaseException):
