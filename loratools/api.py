@@ -138,7 +138,13 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, stats: bool = Fals
     """
     from loratools import summary
 
-    with load(path, allow_pickle=allow_pickle, family=family) as lora:
+    try:
+        lora = load(path, allow_pickle=allow_pickle, family=family)
+    except LoraToolsError as exc:
+        if exc.message.startswith("not a LoRA: none of its"):
+            exc.message += _as_checkpoint(path)
+        raise
+    with lora:
         report = summary.describe(lora)
         if layers:
             report["layers"] = summary.layers(lora)
@@ -151,6 +157,23 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, stats: bool = Fals
 
             report["stats"] = module_stats(lora)
         return report
+
+
+def _as_checkpoint(path) -> str:
+    """What a file that is not a LoRA is when it is a base checkpoint of a known family ('' otherwise)."""
+    from loratools.families import get_family
+    from loratools.io.checkpoints import open_base
+    from loratools.ops.placement import base_family
+
+    try:
+        with open_base(path) as base:
+            fid, fits, how = base_family(base)
+    except LoraToolsError:
+        return ""
+    if not fits:
+        return ""
+    which = f"{get_family(fid).name} ({fid})" if fid else f"one of {', '.join(fits)}"
+    return f"; it is a base checkpoint of {which}, told by {how} (scan catalogues checkpoints, bake patches them)"
 
 
 def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None = None, *, family: str | None = None,

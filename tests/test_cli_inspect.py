@@ -220,3 +220,19 @@ def test_folders_without_a_lora_say_which_case_they_are(tmp_path):
     r = subprocess.run([sys.executable, "-m", "loratools", "resize", str(tmp_path / "many"), "--rank", "2", "-o",
                         str(tmp_path / "o.safetensors")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "the folder is not one LoRA" in r.stderr and "name a file in it" in r.stderr
+
+
+def test_a_base_checkpoint_is_named_as_one_not_only_refused(tmp_path):
+    """inspect reads LoRAs: a checkpoint is still refused (exit 2, one line), and the line says which family's
+    base it is when its weights tell; a tensor file of no known base gets the plain refusal."""
+    from test_bake import SDXL_KEYS, shapes, write_base
+
+    write_base(tmp_path / "sdxl.safetensors", shapes("sdxl__sgm__sdmecha.json", SDXL_KEYS))
+    write_base(tmp_path / "other.safetensors", {"encoder.layer.0.weight": (8, 8)})
+    for name, says in (("sdxl", "it is a base checkpoint of Stable Diffusion XL (sdxl), told by its weights' names "
+                                "and shapes (scan catalogues checkpoints, bake patches them)"),
+                       ("other", "it looks like a full model or another kind of network (e.g. encoder.layer.0.weight)")):
+        run = subprocess.run([sys.executable, "-m", "loratools", "inspect", str(tmp_path / f"{name}.safetensors")],
+                             capture_output=True, text=True)
+        assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+        assert run.stderr.rstrip().endswith(says), run.stderr
