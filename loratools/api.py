@@ -6,7 +6,7 @@ import os
 
 from loratools.api_checkpoints import bake, extract
 from loratools.errors import LoraToolsError
-from loratools.families import ModuleEvidence, detect_family
+from loratools.families import ModuleEvidence, detect_family, get_family
 from loratools.formats import read_modules
 from loratools.formats.peft_config import AdapterConfig
 from loratools.io.sources import open_lora, peft_bundle
@@ -141,8 +141,17 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, stats: bool = Fals
     try:
         lora = load(path, allow_pickle=allow_pickle, family=family)
     except LoraToolsError as exc:
-        if exc.message.startswith("not a LoRA: none of its"):
-            exc.message += _as_checkpoint(path)
+        if exc.message.startswith("not a LoRA: none of its"):  # a full model? say which (scan keeps the record)
+            try:
+                exc.checkpoint = checkpoint(path)
+            except LoraToolsError:
+                raise exc from None
+            told = exc.checkpoint
+            if told["candidates"]:
+                which = (f"{get_family(told['family']).name} ({told['family']})" if told["family"]
+                         else f"one of {', '.join(told['candidates'])}")
+                exc.message += (f"; it is a base checkpoint of {which}, told by {told['told_by']} (scan catalogues "
+                                "checkpoints, bake patches them)")
         raise
     with lora:
         report = summary.describe(lora)
@@ -159,21 +168,18 @@ def inspect(path: str | os.PathLike, *, layers: bool = False, stats: bool = Fals
         return report
 
 
-def _as_checkpoint(path) -> str:
-    """What a file that is not a LoRA is when it is a base checkpoint of a known family ('' otherwise)."""
-    from loratools.families import get_family
+def checkpoint(path: str | os.PathLike) -> dict:
+    """A base checkpoint (a safetensors file or a diffusers model folder) as a scan record: ``family`` (None
+    unless one fits), ``candidates``, ``told_by`` (its weights, ``model_index.json``), ``tensors`` and ``files``
+    (each weights file's path in a folder, for hashing). Torch-free; ``LoraToolsError`` when it is not one."""
     from loratools.io.checkpoints import open_base
     from loratools.ops.placement import base_family
 
-    try:
-        with open_base(path) as base:
-            fid, fits, how = base_family(base)
-    except LoraToolsError:
-        return ""
-    if not fits:
-        return ""
-    which = f"{get_family(fid).name} ({fid})" if fid else f"one of {', '.join(fits)}"
-    return f"; it is a base checkpoint of {which}, told by {how} (scan catalogues checkpoints, bake patches them)"
+    with open_base(path) as base:
+        fid, fits, how = base_family(base)
+        return {"kind": "checkpoint", "family": fid, "candidates": list(fits), "told_by": how or None,
+                "tensors": sum(len(f.header.tensors) for f in base.files),
+                "files": {f.rel: f.sf.path for f in base.files} if base.is_folder else None}
 
 
 def convert(path: str | os.PathLike, to: str, output: str | os.PathLike | None = None, *, family: str | None = None,
@@ -251,6 +257,13 @@ def convert_destination(path: str | os.PathLike, to: str, output: str | os.PathL
     from loratools.ops.convert import output_path
 
     return str(output_path(str(path), to, None if output is None else str(output), many))
+
+
+def check_format(to: str) -> None:
+    """Raise ``UsageError`` (naming the choices) when ``to`` is not a format loratools writes."""
+    from loratools.formats import codec_for
+
+    codec_for(to)
 
 
 def check_family(fid: str) -> None:

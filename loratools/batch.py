@@ -91,14 +91,13 @@ def check_job(job: object, where: str = "job") -> dict:
 
 def _check_values(job: dict) -> None:
     """What the API function would refuse before reading anything, refused here, before anything runs."""
-    from loratools.api import check_family, dtype_code
-    from loratools.ops.convert import output_path
+    from loratools.api import check_family, check_format, dtype_code
 
     for key in ("to", "dtype", "family", "dynamic", "method"):
         if job.get(key) is not None and not isinstance(job[key], str):
             raise UsageError(f"{key!r} is a string")
     if job.get("to") is not None:
-        output_path("a", job["to"], None, False)  # refuses a format loratools does not write
+        check_format(job["to"])
     dtype_code(job.get("dtype"))
     if job.get("family") is not None:
         try:

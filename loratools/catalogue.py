@@ -24,10 +24,10 @@ RECORD_VERSION = 1  # bumped when a record's fields change: older records are th
 
 
 def walk(paths: Iterable[str | os.PathLike]) -> Iterator[str]:
-    """Every LoRA-like file, adapter folder and diffusers pipeline folder under ``paths``, each once: symlinked folders are followed, but a
-    folder already seen (a loop, or two links to one place) is not walked again, and a file reached twice (a
-    link, or a root inside another) is listed once. A folder that cannot be listed is listed itself, so that its
-    record says why (the inventory is never silently incomplete)."""
+    """Every LoRA-like file, adapter folder and diffusers pipeline folder under ``paths``, each once: symlinked
+    folders are followed, but a folder already seen (a loop, or two links to one place) is not walked again, and a
+    file reached twice (a link, or a root inside another) is listed once. A folder that cannot be listed is listed
+    itself, so that its record says why (the inventory is never silently incomplete)."""
     seen_dirs: set[tuple[int, int]] = set()
     seen_files: set = set()
 
@@ -120,19 +120,17 @@ def _contradictions(info: dict) -> list[str]:
 MODEL_INDEX = "model_index.json"  # a diffusers pipeline folder: one checkpoint, its family told by this file too
 
 
-def _checkpoint(path: str, hashes: bool = False) -> dict:
-    """A record for a base checkpoint (a file, or a diffusers pipeline folder): LoraToolsError when it is not one."""
-    from loratools.io.checkpoints import open_base
+def _checkpoint(path: str, hashes: bool, told: dict | None = None) -> dict:
+    """The record of a base checkpoint (a file, or a diffusers pipeline folder), from what ``api.checkpoint``
+    told already when given; LoraToolsError when it is not one."""
+    from loratools import api
     from loratools.io.hashing import file_hashes
-    from loratools.ops.placement import base_family
 
-    with open_base(path) as base:
-        fid, fits, how = base_family(base)
-        record = {"kind": "checkpoint", "family": fid, "candidates": list(fits), "told_by": how or None,
-                  "tensors": sum(len(f.header.tensors) for f in base.files)}
-        if hashes:
-            record["hashes"] = ({"files": {f.rel: file_hashes(f.sf.path, None) for f in base.files}} if base.is_folder
-                                else file_hashes(path, None))
+    record = dict(told or api.checkpoint(path))
+    files = record.pop("files")
+    if hashes:
+        record["hashes"] = ({"files": {rel: file_hashes(full, None) for rel, full in files.items()}} if files
+                            else file_hashes(path, None))
     return record
 
 
@@ -168,7 +166,7 @@ def inspect_one(path: str, hashes: bool = False) -> dict:
         try:
             if "not a LoRA" not in exc.message and "no usable module" not in exc.message:
                 raise
-            record.update(_checkpoint(path, hashes))
+            record.update(_checkpoint(path, hashes, getattr(exc, "checkpoint", None)))  # inspect may have told
         except LoraToolsError:
             record.update(kind="broken", error=exc.message)
         return record
@@ -233,8 +231,8 @@ KINDS = ("lora", "checkpoint", "pickle", "broken")
 
 
 def _hashes_shape(hashes: object) -> bool:
-    """Hash names to hex text (and whether an embedded hash matches); for a folder (PEFT adapters per component, a diffusers pipeline), ``files``: each
-    weights file's relative path to such a map."""
+    """Hash names to hex text (and whether an embedded hash matches); for a folder (PEFT adapters per component,
+    a diffusers pipeline), ``files``: each weights file's relative path to such a map."""
     if not isinstance(hashes, dict):
         return False
     files = hashes.get("files")

@@ -7,9 +7,8 @@ from dataclasses import asdict
 
 import click
 
-from loratools.errors import one_line
-
 from loratools.cli_ops import sync_requested
+from loratools.errors import one_line
 
 DTYPES = click.Choice(["keep", "fp16", "bf16", "fp32"])
 DEVICES = click.Choice(["auto", "cpu", "cuda"])

@@ -9,9 +9,8 @@ import time
 
 import click
 
-from loratools.errors import one_line
-
 from loratools.cli_ops import sync_requested
+from loratools.errors import one_line
 
 JOBS_HELP = "Worker processes (with --dask local: Dask workers; 1 runs the jobs in this process)."
 DASK_HELP = ("Run the jobs on a Dask distributed cluster: its scheduler's address (tcp://host:8786), or 'local' "

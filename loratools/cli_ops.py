@@ -109,6 +109,8 @@ def merge(paths, method, allow_mixed_families, rank, dynamic, max_rank, lossy_ra
 
     concat stacks every input's factors along rank, each carrying its own weight·alpha/rank — exact, with no
     cross terms and no equal-rank requirement. svd truncates that exact sum to --rank/--dynamic optimally.
+    Inputs may come in different namings (kohya, diffusers, comfy): modules meet by the base weight they adapt,
+    in the first input's layout (a fused qkv against to_q/to_k/to_v is split or fused exactly).
 
     Example:
 

@@ -238,18 +238,22 @@ def _flux2_pair(tmp_path):
     return tmp_path / "native.safetensors", tmp_path / "diffusers.safetensors"
 
 
+def _subset(path, tag: str, *words: str, extra: dict | None = None):
+    """A copy of ``path`` with only the tensors whose keys hold one of ``words`` (and ``extra`` tensors)."""
+    from safetensors.torch import load_file, save_file
+
+    out = path.with_name(f"{tag}_{path.name}")
+    save_file({**{k: v for k, v in load_file(path).items() if any(w in k for w in words)}, **(extra or {})}, out)
+    return out
+
+
 @pytest.mark.parametrize("method", ["concat", "svd"])
 @pytest.mark.parametrize("first", ["native", "diffusers"])
 def test_modulation_rows_in_opposite_orders_are_merged_in_the_first_inputs_order(tmp_path, method, first):
     """The adaLN modulation's shift/scale halves come in opposite orders in the native and diffusers namings: the
     other input's B rows are swapped to the first input's order, so the merge is the weighted sum of the ΔWs."""
-    from safetensors.torch import load_file, save_file
-
     native, diffusers = _flux2_pair(tmp_path)
-    paths = {}
-    for p in (native, diffusers):  # the modulation alone
-        paths[p] = tmp_path / f"mod_{p.name}"
-        save_file({k: v for k, v in load_file(p).items() if "final" in k or "norm_out" in k}, paths[p])
+    paths = {p: _subset(p, "mod", "final", "norm_out") for p in (native, diffusers)}  # the modulation alone
     order = [(native, 0.6), (diffusers, -2.0)][:: 1 if first == "native" else -1]
     items = [(loratools.load(paths[p], family="flux2"), w) for p, w in order]
     out, _ = loratools.merge(items, method=method, rank=8 if method == "svd" else None)
@@ -268,13 +272,8 @@ def test_a_fused_weight_whole_in_one_input_and_in_parts_in_another_is_merged_exa
     """FLUX.2's qkv, fused in the native naming and as to_q/to_k/to_v in diffusers': the other input is split (A
     shared, B's rows) or made whole (A stacked, B block-diagonal) into the first's layout, and every merged
     module is the weighted sum of the ΔWs of the rows it covers."""
-    from safetensors.torch import load_file, save_file
-
     native, diffusers = _flux2_pair(tmp_path)
-    paths = {}
-    for p in (native, diffusers):  # the attention alone
-        paths[p] = tmp_path / f"qkv_{p.name}"
-        save_file({k: v for k, v in load_file(p).items() if "attn" in k}, paths[p])
+    paths = {p: _subset(p, "qkv", "attn") for p in (native, diffusers)}  # the attention alone
     order = [(native, 0.6), (diffusers, -2.0)][:: 1 if first == "whole" else -1]
     items = [(loratools.load(paths[p], family="flux2"), w) for p, w in order]
     out, report = loratools.merge(items, method=method, rank=16 if method == "svd" else None)
@@ -302,33 +301,21 @@ def test_a_fused_weight_that_cannot_be_split_or_fused_is_refused(tmp_path):
     """A module with a bias in the other layout is refused (where each part's bias would go is not this
     operation's to decide), naming the way out; a custom key keeps modules apart by that key, and a whole and a
     part of one weight are refused then."""
-    from safetensors.torch import load_file, save_file
+    from loratools.api import _canonical_targets
 
     native, diffusers = _flux2_pair(tmp_path)
-    tensors = {k: v for k, v in load_file(native).items() if "attn" in k}
-    tensors["diffusion_model.double_blocks.0.img_attn.qkv.lora_B.bias"] = torch.ones(3 * 64)
-    save_file(tensors, tmp_path / "bias.safetensors")
-    save_file({k: v for k, v in load_file(diffusers).items() if "attn" in k}, tmp_path / "parts.safetensors")
-    bias, parts = (loratools.load(tmp_path / n, family="flux2") for n in ("bias.safetensors", "parts.safetensors"))
+    bias = loratools.load(_subset(native, "bias", "attn", extra={
+        "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.bias": torch.ones(3 * 64)}), family="flux2")
+    parts = loratools.load(_subset(diffusers, "qkv", "attn"), family="flux2")
     with pytest.raises(UsageError, match=r"adapts double_blocks.0.img_attn.qkv whole, the first input that adapts "
                                          r"it in parts; only plain LoRA modules \(no bias, no DoRA\) are split or "
                                          "fused: convert the inputs to one naming first"):
         loratools.merge([(parts, 1.0), (bias, 1.0)])
-    from loratools.api import _canonical_targets
-
-    plain = loratools.load(paths_only_attn(native, tmp_path), family="flux2")
+    plain = loratools.load(_subset(native, "qkv", "attn"), family="flux2")
     for lora in (plain, parts):
         _canonical_targets(lora)
     with pytest.raises(UsageError, match="one whole, the other in parts"):
         merge([(plain, 1.0), (parts, 1.0)], key=lambda m: (m.target, m.part.index if m.part else None))
-
-
-def paths_only_attn(path, tmp_path):
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / f"attn_{path.name}"
-    save_file({k: v for k, v in load_file(path).items() if "attn" in k}, out)
-    return out
 
 
 def test_after_converting_to_one_naming_the_merge_is_the_weighted_sum(tmp_path):

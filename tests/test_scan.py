@@ -354,15 +354,13 @@ def test_a_diffusers_pipeline_folder_is_one_checkpoint_told_by_its_model_index(t
 def test_records_with_hashes_of_folders_and_embedded_hashes_are_reused(tmp_path):
     """--hash records whose hashes hold more than hex text (a PEFT folder's per-file hashes, a kohya file's
     embedded sshs_model_hash and whether it matches) are valid records: a rerun reuses them."""
-    synthesize("sdxl__kohya__invokeai-slider-keys-only.json", tmp_path / "k.safetensors", seed=2)
-    lora = loratools.load(tmp_path / "k.safetensors")
     from loratools.io.reader import SafetensorsFile
     from loratools.io.writer import write_safetensors
 
+    synthesize("sdxl__kohya__invokeai-slider-keys-only.json", tmp_path / "k.safetensors", seed=2)
     with SafetensorsFile(tmp_path / "k.safetensors") as src:
         items = [(k, i.dtype, i.shape, src.read_bytes(k)) for k, i in src.header.tensors.items()]
         write_safetensors(tmp_path / "embedded.safetensors", items, {**src.metadata, "sshs_model_hash": "0x1234"})
-    lora.close()
     loratools.convert(tmp_path / "k.safetensors", "peft", tmp_path / "peft")
     (tmp_path / "k.safetensors").unlink()
     cat = tmp_path / "catalogue.jsonl"

@@ -215,7 +215,7 @@ def _assemble(plan: list[tuple[TensorInfo, Data]], header: bytes, finite: bool, 
     whole = bytearray(base + (plan[-1][0].end if plan else 0))
     whole[:base] = header
     view = memoryview(whole)
-    pending = None  # [source, start, file offset, length]: a read waiting for the spans that continue it
+    reads: list[list] = []  # [source, start in it, place in the file, length]; a span that continues one extends it
     for info, data in plan:
         data = _tensor_bytes(info, data, path)
         at = base + info.begin
@@ -223,15 +223,14 @@ def _assemble(plan: list[tuple[TensorInfo, Data]], header: bytes, finite: bool, 
             view[at : at + data.nbytes] = data
             continue
         for start, n in data.spans:
-            if pending and pending[0] is data.source and pending[1] + pending[3] == start and pending[2] + pending[3] == at:
-                pending[3] += n
+            last = reads[-1] if reads else None
+            if last and last[0] is data.source and last[1] + last[3] == start and last[2] + last[3] == at:
+                last[3] += n
             else:
-                if pending:
-                    pread_into(pending[0], pending[1], view[pending[2] : pending[2] + pending[3]])
-                pending = [data.source, start, at, n]
+                reads.append([data.source, start, at, n])
             at += n
-    if pending:
-        pread_into(pending[0], pending[1], view[pending[2] : pending[2] + pending[3]])
+    for source, start, at, n in reads:
+        pread_into(source, start, view[at : at + n])
     if finite:
         runs: list[list] = []  # [dtype, begin, end, first tensor index]
         for k, (info, _) in enumerate(plan):

@@ -202,15 +202,14 @@ def _merge_group(terms: list[Term], rule: RankRule | None, dev, lossy_rank, mem,
                             f"{other.adapter.label} delta")
     if rule is None:
         factors = [module_factors(t.module, dev, lossy_rank) for t in terms]
-        for t, f in zip(terms, factors):
-            if _flipped(t, terms[0]):
-                f.up = _swap_halves(f.up)
-    else:  # plain LoRA factors are read later, by the job, straight into its batch
+    else:  # plain LoRA factors are read later, by the job, straight into its batch (``fill`` swaps their rows)
         parts = [factor_job(0, t.module, dev, lossy_rank) for t in terms]
         factors = [f for f, _ in parts]
     for t, f in zip(terms, factors):
         if _flipped(t, terms[0]):
             f.biases = {role: _swap_halves(b) for role, b in f.biases.items()}
+            if rule is None:
+                f.up = _swap_halves(f.up)
     shape, up_ndim = _fit(terms, factors)
     row["ranks"] = [f.rank for f in factors]
     lossy = [{"input": t.index, "type": t.module.adapter.label, "error": f.lossy_error}

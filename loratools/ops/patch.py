@@ -182,13 +182,13 @@ def overflowed(out, x) -> bool:
     """Whether narrowing ``x`` to ``out`` made finite values Inf (NaN/Inf already in ``x`` do not count)."""
     import torch
 
-    if out.is_floating_point() and x.numel():
+    if not out.is_floating_point():
+        return False
+    if x.numel():
         lo, hi = torch.aminmax(x)  # one pass, no temporaries: what the isfinite tests below cost many times over
         limit = torch.finfo(out.dtype).max
         if -limit <= lo.item() and hi.item() <= limit:  # all within the dtype's range (a NaN fails both tests)
             return False
-    if not out.is_floating_point():
-        return False
     wide = out.float() if out.element_size() == 1 else out  # torch has no isfinite for float8
     return not bool(torch.isfinite(wide).all()) and bool(torch.isfinite(x).all())
 
