@@ -4,7 +4,9 @@
 
 The files: whole real layouts (real module names and dimensions) that convert to diffusers, at ranks 2, 4 and 8,
 from tens of kB to tens of MB. Variants, each in a fresh process after os.sync() over a warm page cache:
-`cp -r` of the folder (the I/O floor), `loratools batch` of one convert job per file (in one process, and with
+`cp -r` of the folder (the I/O floor), the floor of any writer that tests what it writes (each file read whole into
+memory, tested for NaN/Inf with the writer's own bit test, written to a temporary file and renamed; in --jobs
+processes and in one; no conversion at all), `loratools batch` of one convert job per file (in one process, and with
 --jobs worker processes), the same batch rerun (every job skipped), a plain loop of `loratools.convert` in one
 process (what the batch adds: its claims and checks), and `loratools convert` started once per file (the start-up
 the batch amortises; timed on the first 5% of the files and scaled). CPU is user + system of the variant's
@@ -37,6 +39,32 @@ LAYOUTS = ["sdxl__kohya__invokeai-slider-keys-only.json", "sd15__kohya__safetens
            "sd15__peft__faithsang.json", "sd2__diffusers_lora_linear__justinjiang.json",
            "flux1__diffusers_lora_linear__invokeai-cctv.json", "flux1__peft__invokeai-base-model.json",
            "wan21__diffusion_model_peft__issue-fragment.json", "wan22__comfy_lora__invokeai-lightx2v-fragment.json"]
+# Read, test and write every file as the assembling writer does, converting nothing: what testing every byte costs
+# before any conversion work (argv: manifest, processes).
+FLOOR = """
+import json, os, sys
+from multiprocessing import Pool
+from loratools.io.arrays import all_finite
+
+def one(job):
+    src, dst = job["input"], job["output"] + os.path.basename(job["input"])
+    fd = os.open(src, os.O_RDONLY)
+    buf = bytearray(os.fstat(fd).st_size)
+    os.preadv(fd, [buf], 0)
+    os.close(fd)
+    finite = all_finite(memoryview(buf)[: len(buf) // 2 * 2], "F16")
+    os.makedirs(job["output"], exist_ok=True)
+    fd = os.open(dst + ".part", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    os.pwrite(fd, buf, 0)
+    os.close(fd)
+    os.rename(dst + ".part", dst)
+    return finite
+
+if __name__ == "__main__":
+    jobs = [json.loads(line) for line in open(sys.argv[1])]
+    with Pool(int(sys.argv[2])) as pool:
+        pool.map(one, jobs, chunksize=16)
+"""
 LOOP = """
 import json, sys, loratools
 for job in map(json.loads, open(sys.argv[1])):
@@ -102,6 +130,9 @@ def main() -> None:
                                                     " [this tree]": ROOT}
         cli = [PY, "-m", "loratools"]
         rows = [["cp -r", *timed(["cp", "-r", str(src), str(fresh("copy"))])]]
+        for n in dict.fromkeys((args.jobs, 1)):
+            seconds, _ = timed([PY, "-c", FLOOR, manifest(fresh("floor")), str(n)])
+            rows.append([f"floor: read + NaN/Inf test + write, {n} process{'es' if n > 1 else ''}", seconds, None])
         for label, tree in trees.items():
             batch_out = fresh("batch1")
             rows.append([f"loratools batch (one process){label}",
