@@ -9,7 +9,7 @@ from loratools.errors import LoraToolsError
 from loratools.families import ModuleEvidence, detect_family, get_family
 from loratools.formats import read_modules
 from loratools.formats.peft_config import AdapterConfig
-from loratools.io.sources import open_lora, peft_bundle
+from loratools.io.sources import bundle_component, open_lora, peft_bundle
 from loratools.model import Lora, TensorRef
 
 __all__ = ["load", "inspect", "convert", "verify", "save", "resize", "merge", "bake", "extract"]
@@ -63,11 +63,12 @@ def _load_bundle(path, bundle: dict, allow_pickle: bool, family: str | None) -> 
     """A folder of PEFT adapters, one per component (what `convert --to peft` writes), as one LoRA."""
     parts = []
     try:
-        for component, folder in bundle.items():
+        for name, folder in bundle.items():
             part = load(folder, allow_pickle=allow_pickle, family="unknown")
             parts.append(part)
+            component, prefix = bundle_component(name)
             for m in part.modules:
-                m.component = component
+                m.component, m.name = component, prefix + m.name
     except BaseException:
         for p in parts:
             p.close()

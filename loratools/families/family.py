@@ -142,6 +142,8 @@ class Family:
         # alternatives, each one {"key", "shape"?} or a list of them that must all hold
         self.signature: tuple = tuple(checkpoint.get("signature", ()))
         self.pipelines: tuple[str, ...] = tuple(checkpoint.get("pipelines", ()))
+        # where the family's own single files keep the native names (Anima's `net.`), tried before the usual ones
+        self.native_prefixes: tuple[str, ...] = tuple(checkpoint.get("prefixes", ()))
         # one regex for "does the family have this module", with a named group per pattern (for the evidence);
         # a second one for a whole group of names at once, with the block index written as '#'
         anchored = [r.pattern if r.pattern.startswith("^") else f".*?(?:{r.pattern})" for r in self.modules]

@@ -44,7 +44,7 @@ class NameRule(NamedTuple):
     takes the rest."""
 
     native: str
-    diffusers: tuple[str, ...]
+    diffusers: tuple[str, ...]  # "component/path" for a module of another diffusers component than the model's
     sizes: tuple[int | None, ...] | None = None
     swap_halves: str | None = None  # "always" | "when_out_is_2x_in": B's two row halves trade places
     aliases: tuple[str, ...] = ()  # other spellings of the native name in circulation: read, never written
@@ -60,6 +60,8 @@ class NameRule(NamedTuple):
             yield NATIVE, None, alias
         for k, d in enumerate(self.diffusers):
             yield DIFFUSERS, (k if self.fused else None), d
+            if "/" in d:  # as a diffusers single file spells it: the component joined with a dot
+                yield DIFFUSERS, (k if self.fused else None), d.replace("/", ".", 1)
 
     def _sizes(self) -> tuple[int | None, ...]:
         return self.sizes or (1,) * len(self.diffusers)

@@ -6,6 +6,7 @@ diffusers spellings (attention processors ``to_q_lora.down``, ``lora.down``, ``l
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from loratools.formats.codec import Codec, KeyParts, Stem, WriteOptions
@@ -61,7 +62,8 @@ class Peft(Codec):
         return "diffusers"
 
     def stem(self, om, family) -> str:
-        return f"{_component(om, family, self.id)}/base_model.model.{om.name}"
+        component, name = _place(om, family, self.id)
+        return f"{component}/base_model.model.{name}"
 
     def write(self, mods, family, dest: Path, metadata: dict, options: WriteOptions) -> list[Path]:
         """One adapter folder per component, built in a temporary folder and moved into place together."""
@@ -77,14 +79,21 @@ class Peft(Codec):
         return [dest / comp for comp in groups]
 
 
-def _component(om, family, fmt: str) -> str:
-    return family.model_component if om.space == "model" else family.encoder_slot(om.space, fmt)
+def _place(om, family, fmt: str) -> tuple[str, str]:
+    """(diffusers component, module path in it) of a planned module; a model module named ``component/path`` lives
+    in a component of its own (Anima's LLM adapter in ``text_conditioner``)."""
+    if om.space != "model":
+        return family.encoder_slot(om.space, fmt), om.name
+    component, sep, path = om.name.partition("/")
+    return (component, path) if sep else (family.model_component, om.name)
 
 
 def _by_component(mods, family, fmt: str) -> dict:
+    """Planned modules by diffusers component, each named by its path in that component."""
     out: dict[str, list] = {}
     for om in mods:
-        out.setdefault(_component(om, family, fmt), []).append(om)
+        component, path = _place(om, family, fmt)
+        out.setdefault(component, []).append(om if path == om.name else replace(om, name=path))
     return out
 
 
@@ -107,7 +116,7 @@ class Diffusers(Codec):
         return "diffusers"
 
     def stem(self, om, family) -> str:
-        return f"{_component(om, family, self.id)}.{om.name}"
+        return ".".join(_place(om, family, self.id))
 
     def write(self, mods, family, dest: Path, metadata: dict, options: WriteOptions) -> list[Path]:
         items = a_b_items(mods, lambda om: self.stem(om, family), options.dtype, self.id, True)

@@ -49,7 +49,7 @@ class Kohya(_DownUpWriter):
         return family.naming.kohya_model
 
     def stem(self, om, family) -> str:
-        name = om.name.replace(".", "_")
+        name = om.name.replace(".", "_").replace("/", "_")  # a diffusers "component/path" flattens whole
         if om.space == "model":
             return "lora_unet_" + name
         return f"lora_{family.encoder_slot(om.space, self.id)}_{name}"
@@ -110,10 +110,13 @@ def _diffusers_config(mods, family) -> str:
     """The LoraConfig diffusers' readers build the transformer's adapter from, in the diffusers names they rename
     these modules to: fused weights (block-diagonal, so of a larger rank than the rest) would otherwise get the
     scale of the file's first rank. ComfyUI ignores it."""
-    parts = [SimpleNamespace(name=d, rank=om.rank, scale=1.0, magnitude=om.magnitude, bias=om.bias)
-             for om in mods if om.space == "model" for d in family.naming.spell("model", om.native, DIFFUSERS)]
-    if not parts:
-        return "{}"
-    cfg = peft_config(parts, folded=True)
+    groups: dict[str, list] = {}
+    for om in mods:
+        for d in family.naming.spell("model", om.native, DIFFUSERS) if om.space == "model" else ():
+            component, sep, path = d.partition("/")  # "component/path": a component of its own (Anima)
+            component, path = (component, path) if sep else (family.model_component, d)
+            groups.setdefault(component, []).append(
+                SimpleNamespace(name=path, rank=om.rank, scale=1.0, magnitude=om.magnitude, bias=om.bias))
     keys = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias")
-    return json.dumps({f"{family.model_component}.{k}": cfg[k] for k in keys}, indent=2, sort_keys=True)
+    return json.dumps({f"{component}.{k}": cfg[k] for component, parts in groups.items()
+                       for cfg in [peft_config(parts, folded=True)] for k in keys}, indent=2, sort_keys=True)

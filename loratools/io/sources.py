@@ -103,11 +103,21 @@ def _scan(folder: Path) -> list[str]:
 # Component folders `convert --to peft` writes, and the file component each stands for.
 BUNDLE_COMPONENTS = {"unet": "model", "transformer": "model", "text_encoder": "te1", "text_encoder_2": "te2",
                      "text_encoder_3": "te3"}
+# Folders of other parts of the diffusion model (Anima's LLM adapter is diffusers' `text_conditioner`): their modules
+# are named with the folder as a dotted prefix, as diffusers single files spell them.
+BUNDLE_MODEL_PARTS = ("text_conditioner",)
 
 
 def peft_bundle(path) -> dict[str, Path]:
-    """Component -> adapter folder, when ``path`` is a folder of PEFT adapters (one per component)."""
+    """Folder name -> adapter folder, when ``path`` is a folder of PEFT adapters (one per component)."""
     p = Path(path)
     if not p.is_dir() or (p / PEFT_CONFIG).is_file():
         return {}
-    return {comp: p / name for name, comp in BUNDLE_COMPONENTS.items() if (p / name / PEFT_CONFIG).is_file()}
+    return {name: p / name for name in (*BUNDLE_COMPONENTS, *BUNDLE_MODEL_PARTS) if (p / name / PEFT_CONFIG).is_file()}
+
+
+def bundle_component(folder: str) -> tuple[str, str]:
+    """(file component, module name prefix) of a bundle's adapter folder."""
+    if folder in BUNDLE_MODEL_PARTS:
+        return "model", folder + "."
+    return BUNDLE_COMPONENTS[folder], ""

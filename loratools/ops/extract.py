@@ -18,7 +18,7 @@ from loratools.errors import LoraToolsError, ShapeMismatch, UsageError
 from loratools.families import Family, get_family
 from loratools.io.checkpoints import Base
 from loratools.model import MemorySource, Module
-from loratools.ops.placement import (MODEL_NATIVE_PREFIXES, encoder_prefixes, model_diffusers_prefixes,
+from loratools.ops.placement import (encoder_prefixes, model_diffusers_prefixes, model_native_prefixes,
                                      openclip_modules)
 
 
@@ -72,7 +72,7 @@ def candidates(base: Base, family: Family, text_encoders: bool):
 
 
 def _model_canon(family: Family, stem: str):
-    for prefix in dict.fromkeys(MODEL_NATIVE_PREFIXES + model_diffusers_prefixes(family)):
+    for prefix in dict.fromkeys(model_native_prefixes(family) + model_diffusers_prefixes(family)):
         if prefix and not stem.startswith(prefix):
             continue
         canon = family.naming.resolve("model", stem[len(prefix):], False)

@@ -18,6 +18,10 @@ MODEL_NATIVE_PREFIXES = ("model.diffusion_model.", "")
 _OPENCLIP_MLP = {"fc1": "c_fc", "fc2": "c_proj"}
 
 
+def model_native_prefixes(family) -> tuple[str, ...]:
+    return (*family.native_prefixes, *MODEL_NATIVE_PREFIXES)
+
+
 def model_diffusers_prefixes(family) -> tuple[str, ...]:
     return (f"{family.model_component}/", "")
 
@@ -49,7 +53,7 @@ def _placement(base, stem: str, rows, src, naming: str) -> Placement:
 
 def _model(base, family, canon: Canon, out_dim: int) -> list[Placement]:
     rule = family.naming.rule("model", canon.native)
-    for prefix in MODEL_NATIVE_PREFIXES:
+    for prefix in model_native_prefixes(family):
         for native in (canon.native, *rule.aliases):  # a base may spell the native name another way (ComfyUI)
             key = prefix + native + ".weight"
             if key in base.keys:
