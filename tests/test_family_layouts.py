@@ -91,6 +91,13 @@ CASES = {
     "z_image": Case("z_image", "z_image__comfy__invokeai-fragment.json", from_checkpoint=True,
                     bake=("context_refiner.0.attention.qkv", "layers.0.adaLN_modulation.0", "cap_embedder.1",
                           "x_embedder", "final_layer.adaLN_modulation.1", "t_embedder.mlp.0"), base_fits=("z_image",)),
+    # the released single file keeps the DiT and its LLM adapter under `net.`; diffusers names the adapter's modules
+    # in a component of their own (`text_conditioner`)
+    "anima": Case("anima", "anima__comfy__invokeai-fragment.json", from_checkpoint=True, prefix="net.",
+                  bake=("blocks.0.self_attn.q_proj", "blocks.0.cross_attn.k_proj", "blocks.0.adaln_modulation_mlp.2",
+                        "llm_adapter.blocks.0.self_attn.o_proj", "llm_adapter.blocks.0.mlp.0", "llm_adapter.out_proj",
+                        "x_embedder.proj.1", "t_embedder.1.linear_2", "final_layer.adaln_modulation.2"),
+                  base_fits=("anima",)),
 }
 # (case, fused native module, its diffusers parts, each part's rows)
 FUSED = [
@@ -140,7 +147,7 @@ def lora_layout(case: Case) -> dict:
         naming = get_family(case.family).naming
         tensors = {}
         for key, t in checkpoint_layout(case.layout)["tensors"].items():
-            name = key.removesuffix(".weight")
+            name = key.removesuffix(".weight").removeprefix(case.prefix)
             canon = naming.resolve("model", name, False) if len(t["shape"]) == 2 and name != key else None
             if canon is not None and canon.naming == "native":
                 tensors.update(_module_keys(name, t["shape"], "comfy"))
@@ -287,10 +294,10 @@ def assert_matches_reference(got, base, terms, key: str, rows: int = 2048) -> No
 
 def base_spec(case: Case, adapted: dict) -> dict:
     """The checkpoint slice: every weight (and bias) the LoRA adapts, at full size, and the untouched tensors."""
-    if case.from_checkpoint:
+    if case.from_checkpoint:  # the checkpoint's own keys, its prefix included
         tensors = checkpoint_layout(case.layout)["tensors"]
-        spec = {k: tuple(t["shape"]) for k, t in tensors.items()
-                if len(t["shape"]) < 2 or k.removesuffix(".weight") in case.bake + case.bake_whole}
+        return {k: tuple(t["shape"]) for k, t in tensors.items()
+                if len(t["shape"]) < 2 or k.removesuffix(".weight").removeprefix(case.prefix) in case.bake + case.bake_whole}
     else:
         spec, modules = {}, {}
         for key, t in adapted.items():
@@ -394,4 +401,44 @@ def test_bake_into_a_scaled_fp8_checkpoint_moves_the_effective_weight(tmp_path):
     moved = out[f"{name}.weight"].double() * float(out[f"{name}.weight_scale"]) - stored.double() * scale
     want = product(up, down)
     # fp8 keeps 3 mantissa bits: the move, projected on the intended ΔW, must be ΔW (to the rounding noise)
+    assert abs(float((moved * want).sum() / (want * want).sum()) - 1.0) < 0.05
+
+
+def test_bake_into_comfyuis_fp8_anima_release(tmp_path):
+    """ComfyUI's fp8 Anima file (net. prefix, per-layer weight_scale, input_scale and comfy_quant marker, layout in
+    fixtures/checkpoints): the base alone tells the family, the kohya LoRA moves the effective weight, and the wider
+    output drops the layer's quantisation tensors."""
+    from loratools.io.writer import write_safetensors
+
+    layout_fp8 = checkpoint_layout("anima__comfy_fp8_mixed__invokeai-fragment.json")["tensors"]
+    name = "net.blocks.24.self_attn.q_proj"
+    shape = tuple(layout_fp8[f"{name}.weight"]["shape"])
+    assert [layout_fp8[f"{name}.{s}"]["dtype"] for s in ("weight", "weight_scale", "comfy_quant")] == \
+        ["F8_E4M3", "F32", "U8"]
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(shape, generator=g) * 0.02
+    scale = float(w.abs().max()) / 448
+    stored = (w / scale).to(torch.float8_e4m3fn)
+    marker = b'{"format": "float8_e4m3fn"}'.ljust(layout_fp8[f"{name}.comfy_quant"]["shape"][0], b" ")
+    items = [(f"{name}.weight", "F8_E4M3", shape, stored.view(torch.uint8).numpy().tobytes()),
+             (f"{name}.weight_scale", "F32", (), torch.tensor(scale)),
+             (f"{name}.input_scale", "F32", (), torch.tensor(1.0)),
+             (f"{name}.comfy_quant", "U8", (len(marker),), marker)]
+    for key in ("net.llm_adapter.out_proj.weight", "net.x_embedder.proj.1.weight"):  # the signature, kept as it is
+        items.append((key, "BF16", tuple(layout_fp8[key]["shape"]), torch.zeros(layout_fp8[key]["shape"],
+                                                                             dtype=torch.bfloat16)))
+    write_safetensors(tmp_path / "base.safetensors", items, {})
+    with open_base(tmp_path / "base.safetensors") as opened:
+        assert base_family(opened)[:2] == ("anima", ["anima"])
+    up, down = torch.randn(shape[0], RANK, generator=g) * 0.1, torch.randn(RANK, shape[1], generator=g) * 0.1
+    lora = tmp_path / "lora.safetensors"
+    write_safetensors(lora, [("lora_unet_blocks_24_self_attn_q_proj.lora_up.weight", "F32", tuple(up.shape), up),
+                             ("lora_unet_blocks_24_self_attn_q_proj.lora_down.weight", "F32", tuple(down.shape), down),
+                             ("lora_unet_blocks_24_self_attn_q_proj.alpha", "F32", (), torch.tensor(float(RANK)))], {})
+    result = loratools.bake(tmp_path / "base.safetensors", [(lora, 1.0)], tmp_path / "out.safetensors", dtype="bf16")
+    assert result.patched_tensors == 1 and not result.unmatched
+    out = load(tmp_path / "out.safetensors")
+    assert not [k for k in out if k.startswith(name) and not k.endswith(".weight")]  # sidecars dropped when widened
+    moved = out[f"{name}.weight"].double() - stored.double() * scale
+    want = product(up, down)
     assert abs(float((moved * want).sum() / (want * want).sum()) - 1.0) < 0.05
