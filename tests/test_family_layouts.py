@@ -91,6 +91,7 @@ CASES = {
     "z_image": Case("z_image", "z_image__comfy__invokeai-fragment.json", from_checkpoint=True,
                     bake=("context_refiner.0.attention.qkv", "layers.0.adaLN_modulation.0", "cap_embedder.1",
                           "x_embedder", "final_layer.adaLN_modulation.1", "t_embedder.mlp.0"), base_fits=("z_image",)),
+    "krea2_kohya": Case("krea2", "krea2__kohya__invokeai-fragment.json"),  # a real sd-scripts file's layout
     # the released single file keeps the DiT and its LLM adapter under `net.`; diffusers names the adapter's modules
     # in a component of their own (`text_conditioner`)
     "anima": Case("anima", "anima__comfy__invokeai-fragment.json", from_checkpoint=True, prefix="net.",
@@ -442,3 +443,31 @@ def test_bake_into_comfyuis_fp8_anima_release(tmp_path):
     moved = out[f"{name}.weight"].double() - stored.double() * scale
     want = product(up, down)
     assert abs(float((moved * want).sum() / (want * want).sum()) - 1.0) < 0.05
+
+
+def test_krea2_kohya_file_bakes_into_the_reference_names(tmp_path):
+    """A real Krea 2 kohya layout (flattened reference names, GQA keys 6144->1536, the 12-layer text projector)
+    baked at 0.7 into a slice with the reference checkpoint's dotted names, which the base alone tells apart."""
+    modules = ("blocks_27_attn_wk", "blocks_0_mlp_down", "txtfusion_refiner_blocks_1_attn_gate", "txtfusion_projector",
+               "tproj_1", "first")
+    lay = subset(layout("krea2__kohya__invokeai-fragment.json"), modules)
+    kohya = synthesize("krea2", tmp_path / "k.safetensors", layout_data=lay, dtype="F32", rank=RANK, seed=3)
+    comfy = loratools.convert(kohya, "comfy", tmp_path / "c.safetensors", family="krea2").output  # dotted names
+    terms = reference_terms([comfy], "")
+    spec = {}
+    for key, ts in terms.items():
+        _, up, down = ts[0]
+        spec[key] = (up.shape[0], down.shape[1])
+    assert set(spec) == {"blocks.27.attn.wk.weight", "blocks.0.mlp.down.weight", "tproj.1.weight", "first.weight",
+                         "txtfusion.refiner_blocks.1.attn.gate.weight", "txtfusion.projector.weight"}
+    base = write_base(tmp_path / "base.safetensors", {**spec, "blocks.0.attn.q_norm.weight": (128,)},
+                      dtype=torch.float32)
+    with open_base(tmp_path / "base.safetensors") as opened:
+        assert base_family(opened)[:2] == ("krea2", ["krea2"])
+    result = loratools.bake(tmp_path / "base.safetensors", [(kohya, STRENGTH)], tmp_path / "out.safetensors",
+                            dtype="fp32")
+    assert result.patched_tensors == len(terms) and not result.unmatched, result
+    out = load(tmp_path / "out.safetensors")
+    for key, ts in terms.items():
+        assert_matches_reference(out[key], base[key], ts, key)  # the terms carry the strength
+    assert torch.equal(out["blocks.0.attn.q_norm.weight"], base["blocks.0.attn.q_norm.weight"])

@@ -115,6 +115,14 @@ def _ltx2_inputs(r, c):  # packed video tokens (2 frames × 2 × 2) and audio to
                 audio_encoder_attention_mask=torch.ones(1, 5), num_frames=2, height=2, width=2, audio_num_frames=3)
 
 
+def _krea2_inputs(r, c):  # packed image tokens (4 × 4) after 5 text tokens; text rows of position_ids are 0
+    grid = torch.zeros(16, 3)
+    grid[:, 1], grid[:, 2] = torch.arange(4).repeat_interleave(4), torch.arange(4).repeat(4)
+    return dict(hidden_states=r(1, 16, c.in_channels), encoder_hidden_states=r(1, 5, c.num_text_layers,
+                                                                               c.text_hidden_dim),
+                timestep=torch.tensor([0.5]), position_ids=torch.cat([torch.zeros(5, 3), grid]))
+
+
 @dataclass(frozen=True)
 class Tiny:
     model: str  # diffusers model class
@@ -154,6 +162,13 @@ TINY: dict[str, Tiny] = {
         "caption_channels": [24, 20], "text_emb_dim": 12, "num_routed_experts": 2, "num_activated_experts": 1,
         "axes_dims_rope": (8, 4, 4), "max_resolution": (16, 16), "llama_layers": [0, 1]},
         "HiDreamImagePipeline", _hidream_inputs),
+    # grouped-query attention 2:1 like the released 48:12; tapped text layers mixed by txtfusion.projector
+    "krea2": Tiny("Krea2Transformer2DModel", {
+        "in_channels": 8, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "num_key_value_heads": 1,
+        "intermediate_size": 48, "timestep_embed_dim": 16, "text_hidden_dim": 12, "num_text_layers": 3,
+        "text_num_attention_heads": 2, "text_num_key_value_heads": 2, "text_intermediate_size": 24,
+        "num_layerwise_text_blocks": 1, "num_refiner_text_blocks": 1, "axes_dims_rope": (4, 6, 6)},
+        "Krea2Pipeline", _krea2_inputs),
     "wan21": Tiny("WanTransformer3DModel", {**WAN, "in_channels": 4}, "WanPipeline", _wan_inputs),
     # Wan 2.1 I2V: the CLIP image branch (k_img/v_img, img_emb)
     "wan21_i2v": Tiny("WanTransformer3DModel", {**WAN, "in_channels": 8, "image_dim": 12, "added_kv_proj_dim": 16},
@@ -258,7 +273,8 @@ def load(family: str, path: Path) -> torch.Tensor:
                 model = PeftModel.from_pretrained(model, path / "transformer")
             else:
                 pipeline = getattr(diffusers, TINY[family].pipeline)
-                params = [p for p in inspect.signature(pipeline.__init__).parameters if p != "self"]
+                params = [name for name, p in inspect.signature(pipeline.__init__).parameters.items()
+                          if name != "self" and p.default is inspect.Parameter.empty]  # options keep defaults
                 pipe = pipeline(**{**dict.fromkeys(params), "transformer": model})
                 pipe.load_lora_weights(path.parent, weight_name=path.name)
     finally:
