@@ -162,6 +162,12 @@ TINY: dict[str, Tiny] = {
         "caption_channels": [24, 20], "text_emb_dim": 12, "num_routed_experts": 2, "num_activated_experts": 1,
         "axes_dims_rope": (8, 4, 4), "max_resolution": (16, 16), "llama_layers": [0, 1]},
         "HiDreamImagePipeline", _hidream_inputs),
+    "auraflow": Tiny("AuraFlowTransformer2DModel", {
+        "sample_size": 8, "patch_size": 2, "in_channels": 4, "num_mmdit_layers": 1, "num_single_dit_layers": 1,
+        "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16, "caption_projection_dim": 16,
+        "out_channels": 4, "pos_embed_max_size": 64}, "AuraFlowPipeline",
+        lambda r, c: dict(hidden_states=r(1, c.in_channels, 8, 8), encoder_hidden_states=r(1, 5, c.joint_attention_dim),
+                          timestep=torch.tensor([0.5]))),
     # grouped-query attention 2:1 like the released 48:12; tapped text layers mixed by txtfusion.projector
     "krea2": Tiny("Krea2Transformer2DModel", {
         "in_channels": 8, "num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "num_key_value_heads": 1,

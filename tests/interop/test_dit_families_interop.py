@@ -56,6 +56,8 @@ GAPS = {
     ("mochi", "comfy"): (UNREAD, "diffusers reads Mochi LoRAs in diffusers names only"),
     ("ltx2", "kohya"): (UNREAD, "diffusers' LTX-2 reader converts diffusion_model. keys only (lora_unet_ keys load "
                                 "nothing)"),
+    ("auraflow", "kohya"): (UNREAD, "diffusers reads AuraFlow LoRAs in diffusers names only"),
+    ("auraflow", "comfy"): (UNREAD, "diffusers reads AuraFlow LoRAs in diffusers names only"),
     ("krea2", "kohya"): (UNREAD, "diffusers' Krea 2 reader converts diffusion_model. and base_model.model. keys only "
                                  "(lora_unet_ keys load nothing)"),
 }
