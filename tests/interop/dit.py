@@ -162,6 +162,13 @@ TINY: dict[str, Tiny] = {
         "caption_channels": [24, 20], "text_emb_dim": 12, "num_routed_experts": 2, "num_activated_experts": 1,
         "axes_dims_rope": (8, 4, 4), "max_resolution": (16, 16), "llama_layers": [0, 1]},
         "HiDreamImagePipeline", _hidream_inputs),
+    # Sana 600M-like: width = cross-attention width; a convolutional MLP (its convs stay unadapted: Linear only)
+    "sana": Tiny("SanaTransformer2DModel", {
+        "in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2,
+        "num_cross_attention_heads": 2, "cross_attention_head_dim": 8, "cross_attention_dim": 16,
+        "caption_channels": 12, "sample_size": 8, "patch_size": 1}, "SanaPipeline",
+        lambda r, c: dict(hidden_states=r(1, c.in_channels, 8, 8), encoder_hidden_states=r(1, 5, c.caption_channels),
+                          timestep=torch.tensor([500.0]))),
     "auraflow": Tiny("AuraFlowTransformer2DModel", {
         "sample_size": 8, "patch_size": 2, "in_channels": 4, "num_mmdit_layers": 1, "num_single_dit_layers": 1,
         "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16, "caption_projection_dim": 16,

@@ -58,6 +58,8 @@ GAPS = {
                                 "nothing)"),
     ("auraflow", "kohya"): (UNREAD, "diffusers reads AuraFlow LoRAs in diffusers names only"),
     ("auraflow", "comfy"): (UNREAD, "diffusers reads AuraFlow LoRAs in diffusers names only"),
+    ("sana", "kohya"): (UNREAD, "diffusers reads Sana LoRAs in diffusers names only"),
+    ("sana", "comfy"): (UNREAD, "diffusers reads Sana LoRAs in diffusers names only"),
     ("krea2", "kohya"): (UNREAD, "diffusers' Krea 2 reader converts diffusion_model. and base_model.model. keys only "
                                  "(lora_unet_ keys load nothing)"),
 }
