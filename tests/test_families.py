@@ -227,6 +227,27 @@ def test_keys_only_look_alikes_are_reported_as_ties():
         assert tied <= {a["id"] for a in r.alternatives}  # each candidate listed with what it matched
 
 
+def test_cosmos_and_ltx_video_diffusers_names_tie_until_the_cross_attention_tells():
+    """Anima's DiT in diffusers names (CosmosTransformer3DModel) and LTX-Video 2B share the names, the width (2048),
+    the MLP (8192) and the block count (28): a LoRA on self-attention and MLP only is a tie, never a guess; the
+    cross-attention keys and values tell them apart (LLM adapter 1024 wide, LTX-Video 2048)."""
+    def lora(kv_in: int | None) -> list[ModuleEvidence]:
+        ev = []
+        for i in range(28):
+            ev += [ModuleEvidence("model", f"transformer_blocks.{i}.attn1.{p}", 2048, 2048)
+                   for p in ("to_q", "to_k", "to_v", "to_out.0")]
+            ev += [ModuleEvidence("model", f"transformer_blocks.{i}.ff.net.0.proj", 2048, 8192),
+                   ModuleEvidence("model", f"transformer_blocks.{i}.ff.net.2", 8192, 2048)]
+            if kv_in:
+                ev += [ModuleEvidence("model", f"transformer_blocks.{i}.attn2.{p}", kv_in, 2048) for p in ("to_k", "to_v")]
+        return ev
+
+    r = detect_family(lora(None), {})
+    assert r.id == "unknown" and set(r.candidates) == {"anima", "ltxv"}, (r.id, r.candidates)
+    assert detect_family(lora(2048), {}).id == "ltxv"
+    assert detect_family(lora(1024), {}).id == "anima"
+
+
 def test_malformed_layout_does_not_crash():
     path = _find("sd15__malformed__timohavdk-bad-convert.json")
     if path is None:
