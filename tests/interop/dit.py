@@ -162,6 +162,15 @@ TINY: dict[str, Tiny] = {
         "caption_channels": [24, 20], "text_emb_dim": 12, "num_routed_experts": 2, "num_activated_experts": 1,
         "axes_dims_rope": (8, 4, 4), "max_resolution": (16, 16), "llama_layers": [0, 1]},
         "HiDreamImagePipeline", _hidream_inputs),
+    # no single blocks, separate q/k/v; the ByT5 path keeps its fixed 2048 width
+    "hunyuan_video15": Tiny("HunyuanVideo15Transformer3DModel", {
+        "in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2,
+        "num_refiner_layers": 1, "mlp_ratio": 2.0, "text_embed_dim": 12, "text_embed_2_dim": 10, "image_embed_dim": 6,
+        "rope_axes_dim": (2, 2, 4), "target_size": 32, "task_type": "t2v"}, "HunyuanVideo15Pipeline",
+        lambda r, c: dict(hidden_states=r(1, c.in_channels, 1, 8, 8), timestep=torch.tensor([500.0]),
+                          encoder_hidden_states=r(1, 5, c.text_embed_dim), encoder_attention_mask=torch.ones(1, 5),
+                          encoder_hidden_states_2=r(1, 3, c.text_embed_2_dim),
+                          encoder_attention_mask_2=torch.ones(1, 3), image_embeds=torch.zeros(1, 4, c.image_embed_dim))),
     # Sana 600M-like: width = cross-attention width; a convolutional MLP (its convs stay unadapted: Linear only)
     "sana": Tiny("SanaTransformer2DModel", {
         "in_channels": 4, "out_channels": 4, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2,
@@ -260,8 +269,13 @@ def source(family: str, folder: Path, leave_out: str | None = None, rank: int = 
     reference = forward(model, inputs)
     pipeline = getattr(diffusers, TINY[family].pipeline)
     folder.mkdir(parents=True, exist_ok=True)
-    pipeline.save_lora_weights(folder, transformer_lora_layers=get_peft_model_state_dict(model),
-                               transformer_lora_adapter_metadata=model.peft_config["default"].to_dict())
+    layers, config = get_peft_model_state_dict(model), model.peft_config["default"].to_dict()
+    if hasattr(pipeline, "save_lora_weights"):
+        pipeline.save_lora_weights(folder, transformer_lora_layers=layers, transformer_lora_adapter_metadata=config)
+    else:  # a pipeline without a LoRA loader (HunyuanVideo 1.5): the same file, written by diffusers' base class
+        from diffusers.loaders.lora_base import LoraBaseMixin
+
+        LoraBaseMixin._save_lora_weights(folder, {"transformer": layers}, {"transformer": config})
     return Source(family, folder / "pytorch_lora_weights.safetensors", reference, targets, model)
 
 

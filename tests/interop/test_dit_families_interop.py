@@ -58,6 +58,8 @@ GAPS = {
                                 "nothing)"),
     ("auraflow", "kohya"): (UNREAD, "diffusers reads AuraFlow LoRAs in diffusers names only"),
     ("auraflow", "comfy"): (UNREAD, "diffusers reads AuraFlow LoRAs in diffusers names only"),
+    **{("hunyuan_video15", t): (UNREAD, "diffusers 0.39 has no LoRA loader for HunyuanVideo 1.5 (PEFT folders load)")
+       for t in ("kohya", "comfy", "diffusers")},
     ("sana", "kohya"): (UNREAD, "diffusers reads Sana LoRAs in diffusers names only"),
     ("sana", "comfy"): (UNREAD, "diffusers reads Sana LoRAs in diffusers names only"),
     ("krea2", "kohya"): (UNREAD, "diffusers' Krea 2 reader converts diffusion_model. and base_model.model. keys only "
@@ -107,7 +109,7 @@ def test_the_family_pipeline_loads_our_file_with_the_same_effect(case, target, t
 def _reads_exactly(case, path, reference) -> bool:
     try:
         return rel_diff(load(case, path), reference) <= 1e-5
-    except (LoadFailed, AssertionError, KeyError, ValueError, RuntimeError, IndexError):
+    except (LoadFailed, AssertionError, KeyError, ValueError, RuntimeError, IndexError, AttributeError):
         return False
 
 
