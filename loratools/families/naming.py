@@ -99,6 +99,13 @@ class NameRule(NamedTuple):
         return self.swap_halves == "always" or out_dim == 2 * in_dim
 
 
+def split_component(name: str, default: str) -> tuple[str, str]:
+    """(diffusers component, path in it) of a model module's diffusers name: ``component/path`` names a component of
+    its own (Anima's LLM adapter in ``text_conditioner``), any other name lives in ``default``."""
+    component, sep, path = name.partition("/")
+    return (component, path) if sep else (default, name)
+
+
 def _match_template(pieces: tuple[str, ...], name: str) -> tuple[str, ...] | None:
     """The block numbers of ``name`` if it is the template ``"{i}".join(pieces)`` with a run of digits for each
     ``{i}``, else None. A plain scan: compiling a regex per template cost more than the lookups (hundreds of

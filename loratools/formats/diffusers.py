@@ -9,6 +9,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+from loratools.families.naming import split_component
 from loratools.formats.codec import Codec, KeyParts, Stem, WriteOptions
 from loratools.formats.writing import a_b_items, peft_config
 from loratools.io.atomic import atomic_folder
@@ -84,8 +85,7 @@ def _place(om, family, fmt: str) -> tuple[str, str]:
     in a component of its own (Anima's LLM adapter in ``text_conditioner``)."""
     if om.space != "model":
         return family.encoder_slot(om.space, fmt), om.name
-    component, sep, path = om.name.partition("/")
-    return (component, path) if sep else (family.model_component, om.name)
+    return split_component(om.name, family.model_component)
 
 
 def _by_component(mods, family, fmt: str) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from loratools.formats.codec import Codec, Stem, WriteOptions
-from loratools.families.naming import DIFFUSERS
+from loratools.families.naming import DIFFUSERS, split_component
 from loratools.formats.writing import a_b_items, common_alpha, down_up_items, peft_config
 from loratools.io.writer import write_safetensors
 
@@ -113,8 +113,7 @@ def _diffusers_config(mods, family) -> str:
     groups: dict[str, list] = {}
     for om in mods:
         for d in family.naming.spell("model", om.native, DIFFUSERS) if om.space == "model" else ():
-            component, sep, path = d.partition("/")  # "component/path": a component of its own (Anima)
-            component, path = (component, path) if sep else (family.model_component, d)
+            component, path = split_component(d, family.model_component)
             groups.setdefault(component, []).append(
                 SimpleNamespace(name=path, rank=om.rank, scale=1.0, magnitude=om.magnitude, bias=om.bias))
     keys = ("r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern", "use_dora", "lora_bias")

@@ -279,6 +279,18 @@ def source(family: str, folder: Path, leave_out: str | None = None, rank: int = 
     return Source(family, folder / "pytorch_lora_weights.safetensors", reference, targets, model)
 
 
+def merged_state(model: torch.nn.Module) -> dict:
+    """The state dict of a PEFT-adapted model with its adapters merged (what diffusers' ``fuse_lora`` runs), under
+    the model's own names; the model is merged in place."""
+    from peft.tuners.lora import LoraLayer
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.merge()
+    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
+
+
 class LoadFailed(AssertionError):
     """The library said (or showed) that a file did not load completely."""
 

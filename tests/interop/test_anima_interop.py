@@ -22,9 +22,10 @@ from safetensors.torch import load_file  # noqa: E402
 
 import loratools  # noqa: E402
 from loratools.families import get_family  # noqa: E402
+from loratools.families.naming import split_component  # noqa: E402
 from loratools.ops.threads import small_matrix_threads  # noqa: E402
 
-from .dit import FATAL  # noqa: E402
+from .dit import FATAL, merged_state  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 if not hasattr(diffusers, "AnimaTextConditioner"):
@@ -74,16 +75,6 @@ def _linears(model) -> list[str]:
     return sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
 
 
-def _merged(model) -> dict:
-    from peft.tuners.lora import LoraLayer
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                module.merge()
-    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
-
-
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
     """A diffusers-format LoRA on every Linear of both models (rank 4, alpha 8), and the adapted models' output."""
@@ -94,7 +85,7 @@ def source(tmp_path_factory):
     reference = _forward(*models)
     _Pipe._save_lora_weights(str(folder), {p: get_peft_model_state_dict(m) for p, m in zip(PARTS, models)},
                              {p: m.peft_config["default"].to_dict() for p, m in zip(PARTS, models)})
-    return folder / "pytorch_lora_weights.safetensors", reference, [_merged(copy.deepcopy(m)) for m in models]
+    return folder / "pytorch_lora_weights.safetensors", reference, [merged_state(copy.deepcopy(m)) for m in models]
 
 
 def _rel(a, b) -> float:
@@ -152,8 +143,7 @@ def test_the_table_names_modules_as_diffusers_converter_does():
     for rule in table.model.rules:
         native, (diffusers_name,) = rule.native.replace("{i}", "3"), rule.diffusers
         got = _convert_non_diffusers_anima_lora_to_diffusers({f"diffusion_model.{native}.lora_A.weight": 0})
-        component, sep, path = diffusers_name.replace("{i}", "3").partition("/")
-        want = f"{component}.{path}" if sep else f"transformer.{component}"
+        want = ".".join(split_component(diffusers_name.replace("{i}", "3"), "transformer"))
         assert list(got) == [f"{want}.lora_A.weight"], native
         seen += 1
     assert seen == len(table.model.rules) >= 30

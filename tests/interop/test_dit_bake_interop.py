@@ -16,19 +16,9 @@ from safetensors.torch import load_file  # noqa: E402
 
 import loratools  # noqa: E402
 
-from .dit import TINY, build, family, source  # noqa: E402
+from .dit import TINY, build, family, merged_state, source  # noqa: E402
 
 pytestmark = pytest.mark.interop
-
-
-def _merged_state(model) -> dict:
-    from peft.tuners.lora import LoraLayer
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                module.merge()
-    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
 
 
 def _base_folder(case: str, root):
@@ -50,7 +40,7 @@ def test_bake_into_a_diffusers_folder_equals_peft_merge(case, fmt, tmp_path):
     base = _base_folder(case, tmp_path / "base")
     result = loratools.bake(base, [lora], tmp_path / "out", dtype="fp32")
     assert result.unmatched == []
-    want = _merged_state(src.adapted)
+    want = merged_state(src.adapted)
     got = {}
     for f in (tmp_path / "out" / "transformer").glob("*.safetensors"):
         got.update(load_file(str(f)))

@@ -18,7 +18,7 @@ import loratools  # noqa: E402
 from loratools.families import get_family  # noqa: E402
 from loratools.families.naming import DIFFUSERS, NATIVE  # noqa: E402
 
-from .dit import build, source  # noqa: E402
+from .dit import build, merged_state, source  # noqa: E402
 
 pytestmark = pytest.mark.interop
 
@@ -72,16 +72,6 @@ def test_the_table_is_diffusers_single_file_naming(case):
         assert torch.equal(converted[key], value), key
 
 
-def _merged(model) -> dict:
-    from peft.tuners.lora import LoraLayer
-
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                module.merge()
-    return {k.replace(".base_layer.", "."): v for k, v in model.state_dict().items() if "lora_" not in k}
-
-
 @pytest.mark.parametrize("fmt", ["kohya", "comfy", "diffusers"])
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bake_into_the_original_single_file_equals_peft_merge(case, fmt, tmp_path):
@@ -94,7 +84,7 @@ def test_bake_into_the_original_single_file_equals_peft_merge(case, fmt, tmp_pat
     natives = {get_family(case).naming.resolve("model", m, False).native for m in src.modules}  # fused: one weight
     assert result.unmatched == [] and result.patched_tensors == len(natives)
     got = _diffusers(case, load_file(str(tmp_path / "out.safetensors")))
-    want = _merged(src.adapted)
+    want = merged_state(src.adapted)
     for name in src.modules:
         w = want[f"{name}.weight"].double()
         assert float((got[f"{name}.weight"].double() - w).norm() / w.norm()) <= 1e-6, name
